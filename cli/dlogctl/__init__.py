@@ -1,0 +1,1 @@
+"""dlogctl: the command-line interface of dlog."""

@@ -1,0 +1,1 @@
+"""dlog.gossip"""
