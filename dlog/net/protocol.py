@@ -267,17 +267,19 @@ class ReplicaStatusRequest(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ReplicaStatusResponse(Message):
-    node_id: int
-    partitions: list[PartitionState]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class GroupOffsets(Struct):
     group: str
     topic: str
     partition: int
     offset: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaStatusResponse(Message):
+    node_id: int
+    partitions: list[PartitionState]
+    #: Committed offsets of the groups this broker coordinates.
+    group_offsets: list[GroupOffsets] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
