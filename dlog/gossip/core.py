@@ -279,6 +279,7 @@ class GossipCore:
         self._events: list[MemberEvent] = []
         # Newer news for the sender of the datagram being handled, who spread stale news.
         self._corrections: dict[NodeId, bytes] = {}
+        self._corrected: dict[Address, int] = {}
         self._left = False
         self._prefix_incarnation = -1
         self._prefix_bytes = b""
@@ -381,6 +382,14 @@ class GossipCore:
         if self.stats.refutations != refutations:
             # Whoever told us we are suspect or dead hears the refutation first.
             self._corrections[self._id] = encode_message(self._self.alive_message())
+        if self._corrections and self.stats.refutations == refutations:
+            # Plain corrections of stale news: at most one batch per peer per gossip
+            # interval, so a flapping member's stale rumours cannot start a storm.
+            last = self._corrected.get(from_addr)
+            if last is not None and self._now - last < self._gossip_interval:
+                self._corrections = {}
+            else:
+                self._corrected[from_addr] = self._now
         primary = decoded.primary
         if primary is not None:
             self._handle(primary, from_addr)
@@ -848,6 +857,9 @@ class GossipCore:
             self.stats.syncs_sent += 1
 
     def _reap(self) -> None:
+        self._corrected = {
+            a: t for a, t in self._corrected.items() if self._now - t < self._gossip_interval
+        }
         horizon = self._now - self._dead_retention
         for node_id, record in list(self._members.items()):
             stale = record.state not in _LIVE and record.state_tick <= horizon
