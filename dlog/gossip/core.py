@@ -38,7 +38,9 @@ Rules (SWIM §4-5, Lifeguard, memberlist's state.go):
 6. Joining: until some other member is live, a join sync goes to every seed each
    ``join_retry_interval``, forever. Afterwards, every ``push_pull_interval`` a full
    sync with one random live member, and every ``reconnect_interval`` a sync with one
-   random dead member or a seed not currently live, so partitions heal.
+   random dead member or a seed not currently live, so partitions heal. With
+   ``stream_push_pull`` those two go to the driver, which exchanges full state over
+   TCP (:meth:`GossipCore.push_pull_state`, :meth:`GossipCore.merge_push_pull`).
 7. Dead and left members are kept (for refutation, reconnects and the view) for
    ``dead_retention`` and then forgotten.
 8. Leaving: the node marks itself left, tells every live member directly and keeps
@@ -244,8 +246,13 @@ class GossipCore:
         seeds: Iterable[Address] = (),
         config: GossipConfig | None = None,
         incarnation: int = 0,
+        stream_push_pull: bool = False,
     ) -> None:
         self.config = cfg = config or GossipConfig()
+        # Periodic and reconnect push-pulls go to the driver (push_pulls_to_start) for a
+        # stream transport instead of out as UDP sync datagrams.
+        self._stream_push_pull = stream_push_pull
+        self._push_pull_targets: list[Address] = []
         self._rng = rng
         self._id = node_id
         self._seeds = [s for s in dict.fromkeys(seeds) if s != address]
@@ -341,12 +348,19 @@ class GossipCore:
 
     @property
     def has_output(self) -> bool:
-        """Whether datagrams or events wait to be taken."""
-        return bool(self._outbox or self._events)
+        """Whether datagrams, events or push-pulls wait to be taken."""
+        return bool(self._outbox or self._events or self._push_pull_targets)
 
     def datagrams_to_send(self) -> list[tuple[Address, bytes]]:
         """Datagrams produced since the last call, in order."""
         out, self._outbox = self._outbox, []
+        return out
+
+    def push_pulls_to_start(self) -> list[Address]:
+        """With ``stream_push_pull``: peers to exchange full state with now (the driver
+        sends :meth:`push_pull_state` and merges the answer with :meth:`merge_push_pull`).
+        """
+        out, self._push_pull_targets = self._push_pull_targets, []
         return out
 
     def events(self) -> list[MemberEvent]:
@@ -842,8 +856,13 @@ class GossipCore:
         if self._left:
             return
         peers = [r for r in self._members.values() if r is not self._self and r.state in _LIVE]
-        if peers:
-            self._send_state(self._rng.choice(peers).address, want_reply=True)
+        if not peers:
+            return
+        address = self._rng.choice(peers).address
+        if self._stream_push_pull:
+            self._push_pull_targets.append(address)
+        else:
+            self._send_state(address, want_reply=True)
 
     def _reconnect(self) -> None:
         if self._left or self._live_count == 1:
@@ -851,9 +870,14 @@ class GossipCore:
         live = {r.address for r in self._members.values() if r.state in _LIVE}
         candidates = [r.address for r in self._members.values() if r.state is MemberState.DEAD]
         candidates.extend(seed for seed in self._seeds if seed not in live)
-        if candidates:
+        if not candidates:
+            return
+        address = self._rng.choice(candidates)
+        if self._stream_push_pull:
+            self._push_pull_targets.append(address)
+        else:
             hello = [encode_entry(self._self.entry())]
-            self._emit(self._rng.choice(candidates), sync_datagram(self._prefix(), True, hello))
+            self._emit(address, sync_datagram(self._prefix(), True, hello))
             self.stats.syncs_sent += 1
 
     def _reap(self) -> None:

@@ -436,3 +436,25 @@ def test_restarted_node_outbids_its_previous_life() -> None:
     core.receive(datagram(2, Sync(want_reply=False, entries=()), alive(2, B),
                           Dead(node_id=NodeId(1), incarnation=7, accuser=NodeId(2))), B)
     assert core.incarnation == 8
+
+
+def test_core_modules_do_no_io() -> None:
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    import dlog.gossip
+
+    package = pathlib.Path(dlog.gossip.__file__).parent
+    for name in ("core", "messages", "events", "config", "lifeguard", "broadcast", "sim"):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+        }
+        assert not imported & {"trio", "socket", "os", "time"}, (name, imported)
+    probe = "import sys, dlog.gossip.core, dlog.gossip.sim; print('trio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
