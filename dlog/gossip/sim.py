@@ -58,7 +58,12 @@ class SimNetwork:
         loss: float = 0.0,
         min_delay: int = 0,
         max_delay: int = 1,
+        stream_push_pull: bool = False,
     ) -> None:
+        """``stream_push_pull``: cores hand push-pulls to the "driver", which here
+        exchanges full state at once between running nodes on the same side of any
+        partition (a TCP exchange that is either complete or fails)."""
+        self.stream_push_pull = stream_push_pull
         self.rng = random.Random(seed)
         self.config = config or GossipConfig()
         self.loss = loss
@@ -95,6 +100,7 @@ class SimNetwork:
             seeds=[sim_address(s) for s in seeds],
             config=self.config,
             incarnation=incarnation,
+            stream_push_pull=self.stream_push_pull,
         )
         group = self.nodes[node_id].group if node_id in self.nodes else 0
         self.nodes[node_id] = _SimNode(core=core, group=group, started_at=self.now)
@@ -175,6 +181,19 @@ class SimNetwork:
             self.trace.append(TracedEvent(tick=self.now, observer=node_id, event=event))
         for destination, data in core.datagrams_to_send():
             self._route(node, destination, data)
+        for destination in core.push_pulls_to_start():
+            peer_id = self._by_address.get(destination)
+            peer = self.nodes.get(peer_id) if peer_id is not None else None
+            if peer is None or not peer.running or peer.group != node.group:
+                continue
+            if peer.stalled_until > self.now:
+                continue
+            peer.core.merge_push_pull(core.push_pull_state())
+            core.merge_push_pull(peer.core.push_pull_state())
+            if peer_id is not None and peer.core.has_output:
+                self._collect(peer_id, peer)
+            if core.has_output:
+                self._collect(node_id, node)
 
     def _route(self, sender: _SimNode, destination: Address, data: bytes) -> None:
         if self.loss and self.rng.random() < self.loss:

@@ -128,8 +128,9 @@ def test_stalled_node_is_suspected_then_refutes() -> None:
     assert net.core(victim).incarnation > 0
 
 
-def test_partition_heals_into_one_view() -> None:
-    net = SimNetwork(seed=5)
+@pytest.mark.parametrize("stream_push_pull", [False, True], ids=["udp-sync", "tcp-push-pull"])
+def test_partition_heals_into_one_view(stream_push_pull: bool) -> None:
+    net = SimNetwork(seed=5, stream_push_pull=stream_push_pull)
     ids = start_cluster(net, 10)
     left, right = ids[:5], ids[5:]
     net.partition(left, right)
