@@ -202,3 +202,19 @@ async def test_malformed_datagrams_are_counted_not_fatal() -> None:
         assert node.stats.oversize_dropped == 1
         assert [m.node_id for m in node.members()] == [1]
         nursery.cancel_scope.cancel()
+
+
+async def test_subscriber_that_falls_behind_is_dropped() -> None:
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery)
+        first = GossipNode(node_id=NodeId(1), host=HOST)
+        port = await runner.start(first)
+        async with first.subscribe(max_buffer=1) as slow_events:
+            for node_id in (2, 3, 4):
+                await runner.start(GossipNode(node_id=NodeId(node_id), host=HOST,
+                                              seeds=[(HOST, port)]))
+            await wait_for_view(first, all_alive({1, 2, 3, 4}), timeout=5)
+            # It kept the one event it had room for, then its channel ended.
+            received = [event async for event in slow_events]
+            assert len(received) == 1
+        nursery.cancel_scope.cancel()

@@ -458,3 +458,21 @@ def test_core_modules_do_no_io() -> None:
     probe = "import sys, dlog.gossip.core, dlog.gossip.sim; print('trio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"tick_ms": 0},
+        {"probe_timeout_ms": 200},  # not shorter than the probe interval
+        {"probe_timeout_ms": 10},  # less than two ticks
+        {"indirect_checks": -1},
+        {"max_datagram_size": 100},
+        {"max_metadata_bytes": 1000},
+        {"suspicion_mult": 0},
+    ],
+)
+def test_config_is_validated(bad: dict[str, int]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011
+        GossipConfig(**bad)
+    assert GossipConfig().ticks(95) == 10
