@@ -26,7 +26,9 @@ def test_every_operation_round_trips_a_typical_message() -> None:
             ],
         ),
         p.ProduceRequest(
-            acks=-1, timeout_ms=1000, partitions=[p.ProducePartition(topic="t", partition=0, size=3)]
+            acks=-1,
+            timeout_ms=1000,
+            partitions=[p.ProducePartition(topic="t", partition=0, size=3)],
         ),
         p.FetchRequest(partitions=[p.FetchPartition(topic="t", partition=1, fetch_offset=9)]),
         p.AlterTopicRequest(name="t", configs={"retention_ms": None, "segment_ms": "10"}),
@@ -38,7 +40,14 @@ def test_every_operation_round_trips_a_typical_message() -> None:
 
 def test_registered() -> None:
     ops = operations()
-    for name in ["metadata", "produce", "fetch", "create_topics", "offset_commit", "cluster_status"]:
+    for name in [
+        "metadata",
+        "produce",
+        "fetch",
+        "create_topics",
+        "offset_commit",
+        "cluster_status",
+    ]:
         assert name in ops
 
 
