@@ -396,7 +396,9 @@ class Controller:
         results = []
         for topic in req.topics:
             try:
-                topic_id = await self.create_topic(topic, validate_only=req.validate_only)
+                topic_id = await self.create_topic(
+                    topic, validate_only=req.validate_only, internal=topic.name in INTERNAL_TOPICS
+                )
                 results.append(TopicResult(name=topic.name, topic_id=topic_id))
             except DlogError as exc:
                 results.append(
@@ -408,8 +410,6 @@ class Controller:
         self, topic: NewTopic, *, validate_only: bool = False, internal: bool = False
     ) -> str:
         validate_topic_name(topic.name)
-        if topic.name in INTERNAL_TOPICS and not internal:
-            raise InvalidTopicError(f"{topic.name} is an internal topic")
         if topic.partitions < 1:
             raise InvalidPartitionsError(f"partitions must be >= 1, got {topic.partitions}")
         configs = validate_topic_configs(topic.configs)
