@@ -186,17 +186,21 @@ class LogSegment:
         self.log_path = directory / segment_file_name(base_offset, LOG_SUFFIX)
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         self._fd = os.open(self.log_path, flags, 0o644)
+        index_path = directory / segment_file_name(base_offset, INDEX_SUFFIX)
+        time_index_path = directory / segment_file_name(base_offset, TIME_INDEX_SUFFIX)
+        #: Were both index files there to open (else they are new and empty)?
+        self._indexes_existed = index_path.exists() and time_index_path.exists()
         try:
             self.size = os.fstat(self._fd).st_size
             self.offset_index = OffsetIndex(
-                directory / segment_file_name(base_offset, INDEX_SUFFIX),
+                index_path,
                 base_offset,
                 max_index_size,
                 writable=active,
             )
             try:
                 self.time_index = TimeIndex(
-                    directory / segment_file_name(base_offset, TIME_INDEX_SUFFIX),
+                    time_index_path,
                     base_offset,
                     max_index_size,
                     writable=active,
@@ -470,6 +474,9 @@ class LogSegment:
         return self.next_offset
 
     def sanity_check_indexes(self) -> bool:
+        """Can a trusted segment's indexes be used as they are?"""
+        if not self._indexes_existed and self.size:
+            return False
         return self.offset_index.sanity_check(self.size) and self.time_index.sanity_check()
 
     def rebuild_indexes(self) -> None:

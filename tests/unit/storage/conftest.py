@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from dlog.clock import ManualClock
 from dlog.storage.batch import BatchBuilder, Compression
@@ -59,3 +61,29 @@ def open_log(tmp_path: Path, clock: ManualClock) -> Iterator[OpenLog]:
     yield open_
     for log in opened:
         log.close()
+
+
+class ThreadGate:
+    """Holds every ``trio.to_thread.run_sync`` call until :meth:`open` (see fixture)."""
+
+    def __init__(self) -> None:
+        self.entered = trio.Event()
+        self._open = trio.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+
+@pytest.fixture
+def thread_gate(monkeypatch: pytest.MonkeyPatch) -> ThreadGate:
+    """Freeze work at the moment it would go to a worker thread, deterministically."""
+    gate = ThreadGate()
+    run_sync = trio.to_thread.run_sync
+
+    async def gated(fn: Callable[..., object], *args: object, **kwargs: Any) -> object:
+        gate.entered.set()
+        await gate._open.wait()
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", gated)
+    return gate
