@@ -72,8 +72,11 @@ def sim_loss_run(seed: int, minutes: int) -> tuple[int, int, float]:
     net = SimNetwork(seed=seed, loss=0.10, max_delay=2)
     ids = [NodeId(i) for i in range(20)]
     for node_id in ids:
-        net.add_node(node_id, seeds=[NodeId(0)] if node_id else [],
-                     metadata={"rpc": f"10.0.0.{node_id}:9400", "role": "broker"})
+        net.add_node(
+            node_id,
+            seeds=[NodeId(0)] if node_id else [],
+            metadata={"rpc": f"10.0.0.{node_id}:9400", "role": "broker"},
+        )
     net.run_until(lambda: net.sees_exactly(ids, set(ids)), max_ticks=3000)
     start_bytes = sum(net.bytes_sent_per_node().values())
     start = net.now
@@ -91,7 +94,10 @@ def sim_loss_run(seed: int, minutes: int) -> tuple[int, int, float]:
 async def child_main(node_id: int, port: int, seeds: list[str]) -> None:
     """One gossip node; prints JSON lines: ready, events, stats every second."""
     node = GossipNode(
-        node_id=NodeId(node_id), host=HOST, port=port, seeds=seeds,
+        node_id=NodeId(node_id),
+        host=HOST,
+        port=port,
+        seeds=seeds,
         metadata={"rpc": f"{HOST}:{9400 + node_id}", "role": "broker", "version": "bench"},
     )
 
@@ -110,8 +116,14 @@ async def child_main(node_id: int, port: int, seeds: list[str]) -> None:
         nursery.start_soon(stats)
         async with node.subscribe(max_buffer=100_000) as events:
             async for event in events:
-                emit({"event": type(event).__name__, "node": event.member.node_id,
-                      "inc": event.member.incarnation, "t": time.time()})
+                emit(
+                    {
+                        "event": type(event).__name__,
+                        "node": event.member.node_id,
+                        "inc": event.member.incarnation,
+                        "t": time.time(),
+                    }
+                )
 
 
 @dataclass
@@ -132,8 +144,16 @@ class RealCluster:
         self.seeds: list[str] = []
 
     async def start(self, node_id: int, port: int = 0) -> Child:
-        command = [sys.executable, SCRIPT, "--child", str(node_id),
-                   "--port", str(port), "--seeds", *self.seeds]
+        command = [
+            sys.executable,
+            SCRIPT,
+            "--child",
+            str(node_id),
+            "--port",
+            str(port),
+            "--seeds",
+            *self.seeds,
+        ]
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
         child = Child(node_id, process)
         self.children[node_id] = child
@@ -169,16 +189,21 @@ class RealCluster:
                 state = str(record["event"])
         return state
 
-    async def wait_all(self, observers: list[int], subject: int, events: set[str],
-                       since: float, timeout: float) -> float:
+    async def wait_all(
+        self, observers: list[int], subject: int, events: set[str], since: float, timeout: float
+    ) -> float:
         """Wall time when every observer reported one of ``events`` about ``subject``."""
         with trio.fail_after(timeout):
             while True:
                 times = []
                 for observer in observers:
-                    hits = [float(str(r["t"])) for r in self.children[observer].events
-                            if r["node"] == subject and r["event"] in events
-                            and float(str(r["t"])) >= since]
+                    hits = [
+                        float(str(r["t"]))
+                        for r in self.children[observer].events
+                        if r["node"] == subject
+                        and r["event"] in events
+                        and float(str(r["t"])) >= since
+                    ]
                     if not hits:
                         break
                     times.append(min(hits))
@@ -233,8 +258,9 @@ async def real_detection(size: int, trials: int) -> tuple[list[float], float]:
                 await cluster.children[victim].process.wait()
                 restarted_at = time.time()
                 await cluster.start(victim, port)
-                await cluster.wait_all(survivors, victim, {"MemberJoined"}, restarted_at,
-                                       timeout=15)
+                await cluster.wait_all(
+                    survivors, victim, {"MemberJoined"}, restarted_at, timeout=15
+                )
             return times, rate
         finally:
             cluster.stop_all()
@@ -255,12 +281,16 @@ async def real_busy(seconds: float) -> tuple[int, int]:
                 await cluster.wait_all(others, subject, {"MemberJoined"}, start, timeout=60)
             busy_from = time.time()
             for _ in range(os.cpu_count() or 2):
-                burners.append(await trio.lowlevel.open_process(
-                    [sys.executable, "-c", "while True: pass"]
-                ))
+                burners.append(
+                    await trio.lowlevel.open_process([sys.executable, "-c", "while True: pass"])
+                )
             await trio.sleep(seconds)
-            events = [r for c in cluster.children.values() for r in c.events
-                      if float(str(r["t"])) >= busy_from]
+            events = [
+                r
+                for c in cluster.children.values()
+                for r in c.events
+                if float(str(r["t"])) >= busy_from
+            ]
             dead = sum(1 for r in events if r["event"] == "MemberDead")
             suspect = sum(1 for r in events if r["event"] == "MemberSuspect")
             return dead, suspect
@@ -280,8 +310,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--seeds", nargs="*", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--sim-only", action="store_true", help="skip real processes")
-    parser.add_argument("--busy-seconds", type=float, default=0,
-                        help="run the saturated-cores false-positive check this long (0: skip)")
+    parser.add_argument(
+        "--busy-seconds",
+        type=float,
+        default=0,
+        help="run the saturated-cores false-positive check this long (0: skip)",
+    )
     parser.add_argument("--sim-trials-3", type=int, default=200)
     parser.add_argument("--sim-trials-20", type=int, default=40)
     parser.add_argument("--loss-minutes", type=int, default=10)
@@ -304,12 +338,18 @@ def main() -> None:
     sim20 = [sim_detection(20, seed) for seed in range(args.sim_trials_20)]
     false_dead, suspicions, sim_rate = sim_loss_run(seed=10, minutes=args.loss_minutes)
     rows += [
-        ("sim 3 nodes: kill -> dead on all, median / p99 s",
-         f"{statistics.median(sim3):.2f} / {p99(sim3):.2f}  ({len(sim3)} trials)"),
-        ("sim 20 nodes: kill -> dead on all, median / p99 s",
-         f"{statistics.median(sim20):.2f} / {p99(sim20):.2f}  ({len(sim20)} trials)"),
-        (f"sim 20 nodes, 10% loss, {args.loss_minutes} min: false dead",
-         f"{false_dead}  ({suspicions} suspicions raised, all refuted)"),
+        (
+            "sim 3 nodes: kill -> dead on all, median / p99 s",
+            f"{statistics.median(sim3):.2f} / {p99(sim3):.2f}  ({len(sim3)} trials)",
+        ),
+        (
+            "sim 20 nodes: kill -> dead on all, median / p99 s",
+            f"{statistics.median(sim20):.2f} / {p99(sim20):.2f}  ({len(sim20)} trials)",
+        ),
+        (
+            f"sim 20 nodes, 10% loss, {args.loss_minutes} min: false dead",
+            f"{false_dead}  ({suspicions} suspicions raised, all refuted)",
+        ),
         ("sim 20 nodes, 10% loss: bytes/s sent per node", f"{sim_rate:.0f}"),
         ("sim wall time s", f"{time.perf_counter() - t0:.1f}"),
     ]
@@ -327,10 +367,14 @@ def main() -> None:
         real20, rate20 = trio.run(real_detection, 20, args.trials_20)
         detect3, detect20 = real3, real20
         rows += [
-            ("real 3 processes: kill -9 -> dead on all, median / p99 s",
-             f"{statistics.median(real3):.2f} / {p99(real3):.2f}  ({len(real3)} trials)"),
-            ("real 20 processes: kill -9 -> dead on all, median / p99 s",
-             f"{statistics.median(real20):.2f} / {p99(real20):.2f}  ({len(real20)} trials)"),
+            (
+                "real 3 processes: kill -9 -> dead on all, median / p99 s",
+                f"{statistics.median(real3):.2f} / {p99(real3):.2f}  ({len(real3)} trials)",
+            ),
+            (
+                "real 20 processes: kill -9 -> dead on all, median / p99 s",
+                f"{statistics.median(real20):.2f} / {p99(real20):.2f}  ({len(real20)} trials)",
+            ),
             ("real 3 processes: bytes/s sent per node", f"{rate3:.0f}"),
             ("real 20 processes: bytes/s sent per node", f"{rate20:.0f}"),
         ]
@@ -343,8 +387,12 @@ def main() -> None:
         )
         if args.busy_seconds > 0:
             busy_dead, busy_suspect = trio.run(real_busy, args.busy_seconds)
-            rows.append((f"real 3 processes, cores saturated {args.busy_seconds:.0f} s: "
-                         "false dead", f"{busy_dead}  ({busy_suspect} suspect events)"))
+            rows.append(
+                (
+                    f"real 3 processes, cores saturated {args.busy_seconds:.0f} s: false dead",
+                    f"{busy_dead}  ({busy_suspect} suspect events)",
+                )
+            )
             result.update(false_dead_busy_cores=busy_dead, busy_seconds=args.busy_seconds)
     result.update(
         detect_median_s_3=round(statistics.median(detect3), 3),

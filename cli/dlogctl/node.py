@@ -118,5 +118,3 @@ def node_remove(
 
     run(remove)
     console.print(f"node {node_id} removed")
-
-

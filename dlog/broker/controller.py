@@ -236,7 +236,9 @@ class Controller:
             records = reconcile(
                 image,
                 self.liveness(),
-                unclean_allowed=lambda topic: self._topic_config(image, topic).unclean_leader_election,
+                unclean_allowed=lambda topic: (
+                    self._topic_config(image, topic).unclean_leader_election
+                ),
                 rebalance_preferred=rebalance,
             )
             if records:
@@ -402,7 +404,9 @@ class Controller:
                 results.append(TopicResult(name=topic.name, topic_id=topic_id))
             except DlogError as exc:
                 results.append(
-                    TopicResult(name=topic.name, error_code=int(exc.code), error_message=exc.message)
+                    TopicResult(
+                        name=topic.name, error_code=int(exc.code), error_message=exc.message
+                    )
                 )
         return CreateTopicsResponse(topics=results)
 

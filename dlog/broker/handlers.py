@@ -25,15 +25,10 @@ from dlog.errors import (
 )
 from dlog.net.messages import Message
 from dlog.net.protocol import (
-    AlterPartitionRequest,
-    AlterTopicRequest,
     BrokerInfo,
-    BrokerRegistrationRequest,
     ClusterStatusRequest,
     ClusterStatusResponse,
-    ControlledShutdownRequest,
     CreateTopicsRequest,
-    DeleteTopicsRequest,
     DescribeClusterRequest,
     DescribeClusterResponse,
     FindCoordinatorRequest,
@@ -44,7 +39,6 @@ from dlog.net.protocol import (
     NewTopic,
     PartitionMetadata,
     RaftMember,
-    RemoveNodeRequest,
     ReplicaStatusRequest,
     ReplicaStatusResponse,
     TopicMetadata,
@@ -216,8 +210,7 @@ class BrokerHandlers:
             for broker in image.brokers.values():
                 nursery.start_soon(ask, broker.node_id, broker.rpc)
         roles = {
-            str(m.node_id): "voter" if m.voter else "learner"
-            for m in self.broker.quorum_members()
+            str(m.node_id): "voter" if m.voter else "learner" for m in self.broker.quorum_members()
         }
         group_offsets = [g for r in replies.values() for g in r.group_offsets]
         return ClusterStatusResponse(
@@ -230,9 +223,7 @@ class BrokerHandlers:
             topics=self._topics(image, None),
             replicas=[replies[n] for n in sorted(replies)],
             unreachable=sorted(unreachable),
-            group_offsets=sorted(
-                group_offsets, key=lambda g: (g.group, g.topic, g.partition)
-            ),
+            group_offsets=sorted(group_offsets, key=lambda g: (g.group, g.topic, g.partition)),
         )
 
     # --- consumer groups ------------------------------------------------------------------
@@ -271,4 +262,3 @@ class BrokerHandlers:
                 await self.broker.call_controller(request)
         except (NetworkError, RequestTimedOutError, NotControllerError) as exc:
             log.info("could not create %s yet: %s", OFFSETS_TOPIC, exc)
-

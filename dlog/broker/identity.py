@@ -43,7 +43,9 @@ def load_identity(data_dir: Path, node_id: int) -> NodeIdentity | None:
     except (OSError, ValueError) as exc:
         raise StorageError(f"{path} is unreadable: {exc}") from None
     try:
-        identity = NodeIdentity(str(raw["cluster_id"]), int(raw["node_id"]), str(raw["directory_id"]))
+        identity = NodeIdentity(
+            str(raw["cluster_id"]), int(raw["node_id"]), str(raw["directory_id"])
+        )
     except (KeyError, TypeError, ValueError):
         raise StorageError(f"{path} is not a dlog identity file") from None
     if identity.node_id != node_id:

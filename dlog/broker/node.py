@@ -197,9 +197,7 @@ class Broker:
             lock.release()
             self.stopped.set()
 
-    async def _run(
-        self, data_dir: Path, task_status: trio.TaskStatus[BoundAddresses]
-    ) -> None:
+    async def _run(self, data_dir: Path, task_status: trio.TaskStatus[BoundAddresses]) -> None:
         cfg = self.config
         client_config = ClientConfig(
             request_timeout_s=cfg.request_timeout_ms / 1000,
@@ -255,7 +253,9 @@ class Broker:
                 identity = await self._format(data_dir)
             self.identity = identity
             log.info(
-                "node %d: cluster %s, directory %s", cfg.node_id, identity.cluster_id,
+                "node %d: cluster %s, directory %s",
+                cfg.node_id,
+                identity.cluster_id,
                 identity.directory_id,
             )
 
@@ -273,9 +273,8 @@ class Broker:
             )
             bound_raft = await nursery.start(self._quorum.run)
             advertised_raft = cfg.advertised("raft", bound_raft)
-            if cfg.bootstrap_cluster:
-                if self._quorum.bootstrap(advertised_raft):
-                    log.info("bootstrapped a new cluster %s", identity.cluster_id)
+            if cfg.bootstrap_cluster and self._quorum.bootstrap(advertised_raft):
+                log.info("bootstrapped a new cluster %s", identity.cluster_id)
             self._gossip.update_metadata(
                 self._gossip_metadata(advertised_rpc, advertised_raft, identity)
             )
@@ -394,7 +393,8 @@ class Broker:
     async def _register_loop(self) -> None:
         """Register this process (incarnation) with the controller; again whenever the
         metadata stops showing our current registration."""
-        assert self.addresses is not None and self.identity is not None
+        assert self.addresses is not None
+        assert self.identity is not None
         request = BrokerRegistrationRequest(
             node_id=self.node_id,
             directory_id=self.identity.directory_id,

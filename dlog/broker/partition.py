@@ -159,7 +159,7 @@ class Partition:
         """Leader: move the HW to the min LEO over the maximal ISR, if that is higher."""
         if self.role is not Role.LEADER:
             return False
-        candidate = self.log.log_end_offset
+        candidate: int = self.log.log_end_offset
         for replica in self.maximal_isr():
             if replica == self.node_id:
                 continue
@@ -193,9 +193,9 @@ class Partition:
             self.notify()
         return advanced
 
-    def isr_change_wanted(self, now: float, lag_max_s: float, usable: Iterable[int]) -> (
-        tuple[int, ...] | None
-    ):
+    def isr_change_wanted(
+        self, now: float, lag_max_s: float, usable: Iterable[int]
+    ) -> tuple[int, ...] | None:
         """The ISR this leader should propose now, or None.
 
         Adds followers that caught up to the HW (and to the start of this leader's
@@ -224,11 +224,10 @@ class Partition:
         return tuple(isr)
 
     def _epoch_start_offset(self) -> int:
-        entries = self.log.leader_epoch_cache.entries
-        for entry in reversed(entries):
+        for entry in reversed(self.log.leader_epoch_cache.entries()):
             if entry.epoch == self.leader_epoch:
-                return entry.start_offset
-        return self.log.log_end_offset
+                return int(entry.start_offset)
+        return int(self.log.log_end_offset)
 
     # --- leader: appends and waits ---------------------------------------------------
 

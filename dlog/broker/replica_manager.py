@@ -35,12 +35,12 @@ from dlog.errors import (
     DlogError,
     ErrorCode,
     FencedLeaderEpochError,
+    InvalidRequestError,
     InvalidRequiredAcksError,
     LeaderNotAvailableError,
     NetworkError,
     NotEnoughReplicasAfterAppendError,
     NotEnoughReplicasError,
-    InvalidRequestError,
     NotLeaderError,
     RequestTimedOutError,
     UnknownLeaderEpochError,
@@ -48,6 +48,7 @@ from dlog.errors import (
     error_from_wire,
 )
 from dlog.net.client import RpcPool
+from dlog.net.messages import payload_bytes
 from dlog.net.protocol import (
     ACKS_ALL,
     ACKS_LEADER,
@@ -117,8 +118,32 @@ class ReplicaManager:
         self._pending = MetadataDelta()
         self._pending_event = trio.Event()
         self._nursery: trio.Nursery | None = None
-        #: Test hook: seconds each follower fetch is delayed (a slow follower).
-        self.fetch_delay_s = 0.0
+        # Test hook (see fetch_delay_s): a slow or stalled follower.
+        self._fetch_delay_s = 0.0
+        self._fetch_delay_changed = trio.Event()
+
+    @property
+    def fetch_delay_s(self) -> float:
+        """Test hook: every follower fetch of this broker waits this long first.
+
+        Changing it takes effect at once, also for fetches already waiting.
+        """
+        return self._fetch_delay_s
+
+    @fetch_delay_s.setter
+    def fetch_delay_s(self, seconds: float) -> None:
+        self._fetch_delay_s = seconds
+        self._fetch_delay_changed.set()
+        self._fetch_delay_changed = trio.Event()
+
+    async def _fetch_delay(self) -> None:
+        start = trio.current_time()
+        while self._fetch_delay_s > 0:
+            remaining = start + self._fetch_delay_s - trio.current_time()
+            if remaining <= 0:
+                return
+            with trio.move_on_after(remaining):
+                await self._fetch_delay_changed.wait()
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -162,16 +187,16 @@ class ReplicaManager:
                     p.update_config(cfg)
                     p.log.update_config(self._log_config(cfg))
         for tp in sorted(delta.partitions):
-            info = image.partition(*tp)
-            if info is None:
+            changed = image.partition(*tp)
+            if changed is None:
                 continue
-            if self.node_id in info.replicas:
-                await self._apply_partition(image, info)
+            if self.node_id in changed.replicas:
+                await self._apply_partition(image, changed)
             elif tp in self.partitions:
-                await self._remove_partition(tp, info.topic_id)
+                await self._remove_partition(tp, changed.topic_id)
         if delta.brokers:
             # A broker's address may have changed: restart fetchers that follow it.
-            for tp, p in list(self.partitions.items()):
+            for p in list(self.partitions.values()):
                 if p.role is Role.FOLLOWER and p.info.leader in delta.brokers:
                     self._start_fetcher(p, p.info)
 
@@ -286,8 +311,7 @@ class ReplicaManager:
         acks = request.acks
         if acks not in (ACKS_NONE, ACKS_LEADER, ACKS_ALL):
             raise InvalidRequiredAcksError(f"acks={acks}")
-        payload = memoryview(bytes(request.payload) if not isinstance(request.payload, bytes)
-                             else request.payload)
+        payload = memoryview(payload_bytes(request.payload))
         results: list[ProducePartitionResult] = []
         waits: list[tuple[int, Partition, int, int]] = []
         position = 0
@@ -441,6 +465,8 @@ class ReplicaManager:
             try:
                 p = self._leader(q.topic, q.partition)
                 hw = p.high_watermark
+                offset: int
+                ts: int
                 if q.timestamp == EARLIEST_TIMESTAMP:
                     offset, ts = p.log.log_start_offset, -1
                 elif q.timestamp == LATEST_TIMESTAMP:
@@ -576,7 +602,9 @@ class ReplicaManager:
             )
             # Wait for the change to reach our metadata; then pending_isr clears.
             with trio.move_on_after(5):
-                while p.pending_isr is not None and p.info.partition_epoch < response.partition_epoch:
+                while (
+                    p.pending_isr is not None and p.info.partition_epoch < response.partition_epoch
+                ):
                     await p.wait_changed()
         except DlogError as exc:
             log.info("ISR change %s for %s-%d not made: %s", list(wanted), *tp, exc)
@@ -658,6 +686,7 @@ class ReplicaManager:
         r = response.partitions[0]
         if r.error_code:
             raise _error(r.error_code, r.error_message)
+        target: int
         if r.leader_epoch == NO_EPOCH or r.end_offset < 0:
             target = min(plog.high_watermark, plog.log_end_offset)
         elif r.leader_epoch == latest:
@@ -680,8 +709,8 @@ class ReplicaManager:
 
     async def _fetch_once(self, p: Partition, address: str, epoch: int) -> bool:
         """One long-poll fetch; returns False when the log must be re-truncated."""
-        if self.fetch_delay_s:
-            await trio.sleep(self.fetch_delay_s)
+        if self._fetch_delay_s:
+            await self._fetch_delay()
         plog = p.log
         request = FetchRequest(
             replica_id=self.node_id,
@@ -716,8 +745,7 @@ class ReplicaManager:
             return False
         if r.error_code:
             raise _error(r.error_code, r.error_message)
-        data = response.payload
-        batches = data if isinstance(data, bytes) else bytes(data)  # type: ignore[arg-type]
+        batches = payload_bytes(response.payload)
         try:
             p.append_as_follower(batches, r.high_watermark)
         except UnexpectedAppendOffsetError as exc:

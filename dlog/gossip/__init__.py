@@ -40,6 +40,7 @@ def __getattr__(name: str) -> object:
         return GossipNode
     raise AttributeError(f"module 'dlog.gossip' has no attribute {name!r}")
 
+
 __all__ = [
     "GossipConfig",
     "GossipCore",

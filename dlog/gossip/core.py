@@ -202,8 +202,14 @@ class _Record:
 
 class _Probe:
     __slots__ = (
-        "ack_deadline", "acked", "expected_nacks", "indirect_sent", "nacks", "period_end",
-        "seq", "target",
+        "ack_deadline",
+        "acked",
+        "expected_nacks",
+        "indirect_sent",
+        "nacks",
+        "period_end",
+        "seq",
+        "target",
     )
 
     def __init__(self, seq: int, target: NodeId, ack_deadline: int, period_end: int) -> None:
@@ -514,7 +520,10 @@ class GossipCore:
             self._reap()
 
         due = min(
-            self._next_gossip, self._next_join, self._next_push_pull, self._next_reconnect,
+            self._next_gossip,
+            self._next_join,
+            self._next_push_pull,
+            self._next_reconnect,
             self._next_reap,
         )
         probe = self._probe
@@ -545,7 +554,8 @@ class GossipCore:
                 if record is not None and record is not self._self and record.state in _LIVE:
                     return record
             self._probe_order = [
-                r.node_id for r in self._members.values()
+                r.node_id
+                for r in self._members.values()
                 if r is not self._self and r.state in _LIVE
             ]
             self._rng.shuffle(self._probe_order)
@@ -563,7 +573,8 @@ class GossipCore:
             return
         seq = self._next_seq()
         self._probe = _Probe(
-            seq, target.node_id,
+            seq,
+            target.node_id,
             ack_deadline=self._now + self._awareness.scale(self._probe_timeout),
             period_end=self._now + interval,
         )
@@ -571,9 +582,13 @@ class GossipCore:
         first = []
         if target.state is MemberState.SUSPECT:
             # Lifeguard's buddy system: tell the suspect, so it can refute right away.
-            first.append(encode_message(
-                Suspect(node_id=target.node_id, incarnation=target.incarnation, accuser=self._id)
-            ))
+            first.append(
+                encode_message(
+                    Suspect(
+                        node_id=target.node_id, incarnation=target.incarnation, accuser=self._id
+                    )
+                )
+            )
         self._send(target.address, encode_message(Ping(seq=seq, target=target.node_id)), first)
 
     def _probe_indirect(self, probe: _Probe) -> None:
@@ -582,7 +597,8 @@ class GossipCore:
         if target is None or target.state not in _LIVE:
             return
         helpers = [
-            r for r in self._members.values()
+            r
+            for r in self._members.values()
             if r.state is MemberState.ALIVE and r is not self._self and r is not target
         ]
         helpers = self._rng.sample(helpers, min(self.config.indirect_checks, len(helpers)))
@@ -669,8 +685,12 @@ class GossipCore:
         record = self._members.get(msg.node_id)
         if record is None:
             record = _Record(
-                msg.node_id, msg.address, msg.incarnation, _frozen(msg.metadata),
-                MemberState.ALIVE, self._now,
+                msg.node_id,
+                msg.address,
+                msg.incarnation,
+                _frozen(msg.metadata),
+                MemberState.ALIVE,
+                self._now,
             )
             self._members[msg.node_id] = record
             self._live_count += 1
@@ -732,7 +752,10 @@ class GossipCore:
             self.config.suspicion_mult * max(1.0, math.log10(max(1, n))) * self._probe_interval
         )
         suspicion = Suspicion(
-            start=self._now, accuser=msg.accuser, k=k, min_ticks=min_ticks,
+            start=self._now,
+            accuser=msg.accuser,
+            k=k,
+            min_ticks=min_ticks,
             max_ticks=self.config.suspicion_max_timeout_mult * min_ticks,
         )
         self._suspicions[msg.node_id] = suspicion
@@ -815,21 +838,34 @@ class GossipCore:
                     and entry.incarnation <= record.incarnation
                 ):
                     # The peer still sees it alive. If it really is, it refutes now.
-                    self._send(entry.address, None, first=[encode_message(
-                        Dead(node_id=record.node_id, incarnation=record.incarnation,
-                             accuser=self._id)
-                    )])
-                self._on_alive(Alive(
-                    node_id=entry.node_id, incarnation=entry.incarnation,
-                    address=entry.address, metadata=entry.metadata,
-                ))
+                    self._send(
+                        entry.address,
+                        None,
+                        first=[
+                            encode_message(
+                                Dead(
+                                    node_id=record.node_id,
+                                    incarnation=record.incarnation,
+                                    accuser=self._id,
+                                )
+                            )
+                        ],
+                    )
+                self._on_alive(
+                    Alive(
+                        node_id=entry.node_id,
+                        incarnation=entry.incarnation,
+                        address=entry.address,
+                        metadata=entry.metadata,
+                    )
+                )
             elif entry.state == STATE_LEFT:
                 self._on_left(Left(node_id=entry.node_id, incarnation=entry.incarnation))
             else:
                 # A remote "dead" only makes us suspect: the member may refute.
-                self._on_suspect(Suspect(
-                    node_id=entry.node_id, incarnation=entry.incarnation, accuser=self._id
-                ))
+                self._on_suspect(
+                    Suspect(node_id=entry.node_id, incarnation=entry.incarnation, accuser=self._id)
+                )
 
     def _send_state(self, address: Address, *, want_reply: bool) -> None:
         budget = self.config.max_datagram_size - sync_overhead(self._prefix(), 65535)
@@ -903,22 +939,19 @@ class GossipCore:
             return
         horizon = self._now - self._gossip_to_the_dead
         candidates = [
-            r for r in self._members.values()
-            if r is not self._self and (
-                r.state in _LIVE or (r.state is MemberState.DEAD and r.state_tick >= horizon)
-            )
+            r
+            for r in self._members.values()
+            if r is not self._self
+            and (r.state in _LIVE or (r.state is MemberState.DEAD and r.state_tick >= horizon))
         ]
-        for record in self._rng.sample(
-            candidates, min(self.config.gossip_nodes, len(candidates))
-        ):
+        for record in self._rng.sample(candidates, min(self.config.gossip_nodes, len(candidates))):
             self._send(record.address, None)
 
-    def _send(
-        self, address: Address, primary: bytes | None, first: Iterable[bytes] = ()
-    ) -> None:
+    def _send(self, address: Address, primary: bytes | None, first: Iterable[bytes] = ()) -> None:
         """Queue a datagram: ``primary`` (if any), ``first``, then as many updates as fit."""
         budget = (
-            self.config.max_datagram_size - datagram_overhead(self._prefix(), primary, 0)
+            self.config.max_datagram_size
+            - datagram_overhead(self._prefix(), primary, 0)
             - _UPDATE_HEADER_RESERVE
         )
         updates = []

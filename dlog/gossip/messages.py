@@ -228,8 +228,12 @@ def sync_datagram(prefix: bytes, want_reply: bool, entries: list[bytes]) -> byte
     """A datagram whose primary is a sync of pre-encoded entries (see encode_entry)."""
     # [_SYNC, want_reply, [entry, ...]]; a uint below 24 is its own header byte.
     body = b"".join(
-        (bytes((0x83, _SYNC)), b"\xf5" if want_reply else b"\xf4",
-         array_header(len(entries)), *entries)
+        (
+            bytes((0x83, _SYNC)),
+            b"\xf5" if want_reply else b"\xf4",
+            array_header(len(entries)),
+            *entries,
+        )
     )
     return assemble_datagram(prefix, body, [])
 
@@ -310,7 +314,9 @@ def _decode_message(item: object) -> Primary | Update:
     if kind == _PING_REQ:
         _, seq, target, host, port, nack = _fields(item, 6)
         return PingReq(
-            seq=_int(seq), target=_node(target), target_address=_address(host, port),
+            seq=_int(seq),
+            target=_node(target),
+            target_address=_address(host, port),
             nack=_bool(nack),
         )
     if kind == _SYNC:
@@ -321,7 +327,9 @@ def _decode_message(item: object) -> Primary | Update:
     if kind == _ALIVE:
         _, node_id, inc, host, port, meta = _fields(item, 6)
         return Alive(
-            node_id=_node(node_id), incarnation=_int(inc), address=_address(host, port),
+            node_id=_node(node_id),
+            incarnation=_int(inc),
+            address=_address(host, port),
             metadata=_metadata(meta),
         )
     if kind == _SUSPECT:
@@ -373,7 +381,9 @@ def decode_datagram(data: bytes) -> Datagram:
             raise MalformedDatagram("only membership updates can be piggybacked")
         updates.append(update)
     return Datagram(
-        sender=_node(sender), incarnation=_int(incarnation), primary=primary,
+        sender=_node(sender),
+        incarnation=_int(incarnation),
+        primary=primary,
         updates=tuple(updates),
     )
 

@@ -359,9 +359,14 @@ class GossipNode:
 
     def _publish(self, events: list[MemberEvent]) -> None:
         for event in events:
-            log.info("gossip %d: %s %d (%s, incarnation %d)", self.node_id,
-                     type(event).__name__, event.member.node_id, event.member.state.value,
-                     event.member.incarnation)
+            log.info(
+                "gossip %d: %s %d (%s, incarnation %d)",
+                self.node_id,
+                type(event).__name__,
+                event.member.node_id,
+                event.member.state.value,
+                event.member.incarnation,
+            )
         for channel in list(self._subscribers):
             try:
                 for event in events:

@@ -65,8 +65,12 @@ class Runner:
 
 
 def metadata(node_id: int) -> dict[str, str]:
-    return {"rpc": f"{HOST}:{9400 + node_id}", "raft": f"{HOST}:{9600 + node_id}",
-            "role": "broker", "version": "0.1.0"}
+    return {
+        "rpc": f"{HOST}:{9400 + node_id}",
+        "raft": f"{HOST}:{9600 + node_id}",
+        "role": "broker",
+        "version": "0.1.0",
+    }
 
 
 async def test_killed_node_is_declared_dead_and_rejoins_with_higher_incarnation() -> None:
@@ -79,7 +83,10 @@ async def test_killed_node_is_declared_dead_and_rejoins_with_higher_incarnation(
         nodes = {1: seed}
         for node_id in (2, 3):
             nodes[node_id] = GossipNode(
-                node_id=NodeId(node_id), host=HOST, seeds=seeds, config=config,
+                node_id=NodeId(node_id),
+                host=HOST,
+                seeds=seeds,
+                config=config,
                 metadata=metadata(node_id),
             )
             await runner.start(nodes[node_id])
@@ -109,15 +116,21 @@ async def test_killed_node_is_declared_dead_and_rejoins_with_higher_incarnation(
 
         # Restart node 3 on the same port; it rejoins with a higher incarnation.
         nodes[3] = GossipNode(
-            node_id=NodeId(3), host=HOST, port=victim_port, seeds=seeds, config=config,
+            node_id=NodeId(3),
+            host=HOST,
+            port=victim_port,
+            seeds=seeds,
+            config=config,
             metadata=metadata(3),
         )
         await runner.start(nodes[3])
         for observer in (1, 2):
             await wait_for_view(
                 nodes[observer],
-                lambda view: view[NodeId(3)].state is MemberState.ALIVE
-                and view[NodeId(3)].incarnation > dead_incarnation,
+                lambda view: (
+                    view[NodeId(3)].state is MemberState.ALIVE
+                    and view[NodeId(3)].incarnation > dead_incarnation
+                ),
                 timeout=5,
             )
         await wait_for_view(nodes[3], all_alive({1, 2, 3}), timeout=5)
@@ -165,8 +178,9 @@ async def test_push_pull_over_tcp_on_the_gossip_port_number() -> None:
 
         from dlog.gossip.core import GossipCore
 
-        peer = GossipCore(node_id=NodeId(7), address=(HOST, 1), rng=random.Random(0),
-                          metadata=metadata(7))
+        peer = GossipCore(
+            node_id=NodeId(7), address=(HOST, 1), rng=random.Random(0), metadata=metadata(7)
+        )
         async with open_rpc_pool() as pool:
             with trio.fail_after(5):
                 response = await pool.call(
@@ -211,8 +225,9 @@ async def test_subscriber_that_falls_behind_is_dropped() -> None:
         port = await runner.start(first)
         async with first.subscribe(max_buffer=1) as slow_events:
             for node_id in (2, 3, 4):
-                await runner.start(GossipNode(node_id=NodeId(node_id), host=HOST,
-                                              seeds=[(HOST, port)]))
+                await runner.start(
+                    GossipNode(node_id=NodeId(node_id), host=HOST, seeds=[(HOST, port)])
+                )
             await wait_for_view(first, all_alive({1, 2, 3, 4}), timeout=5)
             # It kept the one event it had room for, then its channel ended.
             received = [event async for event in slow_events]

@@ -182,8 +182,10 @@ def test_restarted_node_rejoins_with_higher_incarnation() -> None:
         assert member is not None
         assert member.incarnation > dead_incarnation
     rejoined = [
-        t for t in net.trace
-        if isinstance(t.event, MemberJoined) and t.event.member.node_id == victim
+        t
+        for t in net.trace
+        if isinstance(t.event, MemberJoined)
+        and t.event.member.node_id == victim
         and t.tick > net.crashes[victim][0]
     ]
     assert {t.observer for t in rejoined} == set(others)
@@ -201,7 +203,8 @@ def test_metadata_update_propagates() -> None:
         max_ticks=3 * SECOND,
     )
     updated = {
-        t.observer for t in net.trace
+        t.observer
+        for t in net.trace
         if isinstance(t.event, MemberUpdated) and t.event.member.node_id == 4
     }
     assert updated == set(ids) - {NodeId(4)}

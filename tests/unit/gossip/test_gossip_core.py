@@ -48,7 +48,10 @@ D: Address = ("10.0.0.4", 7946)
 
 def make_core(node_id: int = 1, address: Address = A, **kwargs: object) -> GossipCore:
     return GossipCore(
-        node_id=NodeId(node_id), address=address, rng=random.Random(node_id), **kwargs  # type: ignore[arg-type]
+        node_id=NodeId(node_id),
+        address=address,
+        rng=random.Random(node_id),
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -146,8 +149,9 @@ def test_missed_ack_leads_to_ping_req_then_suspicion() -> None:
     run_ticks(core, cfg.ticks(cfg.probe_timeout_ms))
     requests = [(a, p) for a, p, _ in sent(core) if isinstance(p, PingReq)]
     assert {a for a, _ in requests} == {C, D}
-    assert all(p == PingReq(seq=seq, target=NodeId(2), target_address=B, nack=True)
-               for _, p in requests)
+    assert all(
+        p == PingReq(seq=seq, target=NodeId(2), target_address=B, nack=True) for _, p in requests
+    )
     # Both helpers nack: the target is down, not us, so local health stays at 0.
     core.receive(datagram(3, Nack(seq=seq)), C)
     core.receive(datagram(4, Nack(seq=seq)), D)
@@ -250,7 +254,11 @@ def test_incarnation_ordering() -> None:
     receive(Left(node_id=NodeId(2), incarnation=2))
     assert core.member(NodeId(2)).state is MemberState.LEFT  # type: ignore[union-attr]
     assert [type(e) for e in core.events()] == [
-        MemberSuspect, MemberAlive, MemberDead, MemberJoined, MemberLeft
+        MemberSuspect,
+        MemberAlive,
+        MemberDead,
+        MemberJoined,
+        MemberLeft,
     ]
 
 
@@ -261,11 +269,15 @@ def test_suspicion_times_out_to_dead_and_confirmations_shorten_it() -> None:
     def time_to_dead(confirm: bool) -> int:
         core = make_core(config=cfg)
         with_peers(core, *peers)
-        core.receive(datagram(3, None, Suspect(node_id=NodeId(2), incarnation=0,
-                                               accuser=NodeId(3))), peers[1][1])
+        core.receive(
+            datagram(3, None, Suspect(node_id=NodeId(2), incarnation=0, accuser=NodeId(3))),
+            peers[1][1],
+        )
         if confirm:
-            core.receive(datagram(4, None, Suspect(node_id=NodeId(2), incarnation=0,
-                                                   accuser=NodeId(4))), peers[2][1])
+            core.receive(
+                datagram(4, None, Suspect(node_id=NodeId(2), incarnation=0, accuser=NodeId(4))),
+                peers[2][1],
+            )
         start = core.now
         while core.member(NodeId(2)).state is not MemberState.DEAD:  # type: ignore[union-attr]
             core.tick()
@@ -327,7 +339,7 @@ def test_datagrams_never_exceed_the_size_bound() -> None:
     core = make_core(config=cfg)
     news = [alive(n, (f"10.1.{n // 200}.{n % 200}", 7946), rpc="r" * 30) for n in range(2, 80)]
     for chunk in range(0, len(news), 5):
-        core.receive(datagram(2, None, *news[chunk:chunk + 5]), B)
+        core.receive(datagram(2, None, *news[chunk : chunk + 5]), B)
     core.receive(datagram(2, Ping(seq=1, target=NodeId(1))), B)
     core.receive(datagram(2, Sync(want_reply=True, entries=())), B)
     out = core.datagrams_to_send()
@@ -379,8 +391,12 @@ def test_push_pull_state_blob_merges_and_remote_dead_becomes_suspect() -> None:
     b.receive(datagram(5, None, Dead(node_id=NodeId(4), incarnation=0, accuser=NodeId(5))), C)
     a.merge_push_pull(b.push_pull_state())
     view = {m.node_id: m.state for m in a.members()}
-    assert view == {1: MemberState.ALIVE, 2: MemberState.ALIVE, 3: MemberState.ALIVE,
-                    4: MemberState.SUSPECT}
+    assert view == {
+        1: MemberState.ALIVE,
+        2: MemberState.ALIVE,
+        3: MemberState.ALIVE,
+        4: MemberState.SUSPECT,
+    }
     a.merge_push_pull(b"not cbor at all")
     assert a.stats.malformed_dropped == 1
 
@@ -394,9 +410,21 @@ def test_sync_tells_a_member_we_hold_dead_that_a_peer_sees_alive() -> None:
     core.receive(datagram(4, entry, alive(4, D)), D)
     sent(core)
     from dlog.gossip.messages import STATE_ALIVE, SyncEntry
-    core.receive(datagram(4, Sync(want_reply=False, entries=(
-        SyncEntry(node_id=NodeId(3), incarnation=0, state=STATE_ALIVE, address=C, metadata={}),
-    ))), D)
+
+    core.receive(
+        datagram(
+            4,
+            Sync(
+                want_reply=False,
+                entries=(
+                    SyncEntry(
+                        node_id=NodeId(3), incarnation=0, state=STATE_ALIVE, address=C, metadata={}
+                    ),
+                ),
+            ),
+        ),
+        D,
+    )
     told = [(a, u) for a, _, u in sent(core) if a == C]
     assert told
     assert Dead(node_id=NodeId(3), incarnation=0, accuser=NodeId(1)) in told[0][1]
@@ -433,8 +461,15 @@ def test_leave_tells_every_live_member_and_stops_probing() -> None:
 
 def test_restarted_node_outbids_its_previous_life() -> None:
     core = make_core()
-    core.receive(datagram(2, Sync(want_reply=False, entries=()), alive(2, B),
-                          Dead(node_id=NodeId(1), incarnation=7, accuser=NodeId(2))), B)
+    core.receive(
+        datagram(
+            2,
+            Sync(want_reply=False, entries=()),
+            alive(2, B),
+            Dead(node_id=NodeId(1), incarnation=7, accuser=NodeId(2)),
+        ),
+        B,
+    )
     assert core.incarnation == 8
 
 
@@ -451,8 +486,11 @@ def test_core_modules_do_no_io() -> None:
         tree = ast.parse((package / f"{name}.py").read_text())
         imported = {
             alias.name.split(".")[0]
-            for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
-            for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in (
+                node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
+            )
         }
         assert not imported & {"trio", "socket", "os", "time"}, (name, imported)
     probe = "import sys, dlog.gossip.core, dlog.gossip.sim; print('trio' in sys.modules)"

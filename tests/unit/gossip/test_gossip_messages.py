@@ -46,8 +46,12 @@ updates = st.one_of(
     st.builds(Left, node_id=node_ids, incarnation=counters),
 )
 entries = st.builds(
-    SyncEntry, node_id=node_ids, incarnation=counters, state=st.integers(0, 3),
-    address=addresses, metadata=metadata,
+    SyncEntry,
+    node_id=node_ids,
+    incarnation=counters,
+    state=st.integers(0, 3),
+    address=addresses,
+    metadata=metadata,
 )
 primaries = st.one_of(
     st.builds(Ping, seq=counters, target=node_ids),
@@ -59,7 +63,9 @@ primaries = st.one_of(
 
 
 @given(
-    sender=node_ids, incarnation=counters, primary=st.none() | primaries,
+    sender=node_ids,
+    incarnation=counters,
+    primary=st.none() | primaries,
     items=st.lists(updates, max_size=30),
 )
 def test_datagram_round_trip(
@@ -73,7 +79,9 @@ def test_datagram_round_trip(
         map(len, encoded)
     )
     assert decode_datagram(data) == Datagram(
-        sender=sender, incarnation=incarnation, primary=primary,  # type: ignore[arg-type]
+        sender=sender,
+        incarnation=incarnation,
+        primary=primary,  # type: ignore[arg-type]
         updates=tuple(items),  # type: ignore[arg-type]
     )
 
