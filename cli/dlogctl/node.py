@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 import typer
 
-from dlog.broker import Broker, BrokerConfig
+from dlog.broker.config import BrokerConfig
 from dlog.errors import DlogError
 from dlogctl.common import BootstrapOption, DataDirOption, console, fail, resolve_bootstrap, run
 
@@ -83,6 +83,8 @@ def node_run(
 
 
 async def _serve(config: BrokerConfig) -> None:
+    from dlog.broker.node import Broker  # the whole node: imported only to run one
+
     broker = Broker(config)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
