@@ -85,7 +85,7 @@ CONTROL_MASK: Final = 0x20
 #: The whole 61-byte header, field by field (see the table above).
 HEADER_STRUCT: Final = struct.Struct(">qiibIhiqqqhii")
 _HEADER = HEADER_STRUCT
-_OFFSET_AND_LENGTH = struct.Struct(">qi")
+_OFFSET_LENGTH_EPOCH = struct.Struct(">qii")
 _I64 = struct.Struct(">q")
 _I32 = struct.Struct(">i")
 _U32 = struct.Struct(">I")
@@ -222,6 +222,20 @@ def parse_batches(buf: Buffer, *, verify_crc: bool = True) -> list[BatchHeader]:
     trailing bytes that do not form a whole batch. All or nothing: a caller never
     acts on a prefix of a bad buffer.
     """
+    return _parse(buf, verify_crc, None)
+
+
+class _ProduceRules(NamedTuple):
+    now_ms: int | None
+    max_timestamp_skew_ms: int
+    max_batch_bytes: int
+    latest_timestamp: int
+
+
+def _parse(buf: Buffer, verify_crc: bool, rules: _ProduceRules | None) -> list[BatchHeader]:
+    """One pass over the batches: structure, CRC, counts and, given ``rules``, the
+    leader's produce rules. (One loop, no helper calls unless a check fails: this
+    runs for every batch produced or replicated.)"""
     headers: list[BatchHeader] = []
     append = headers.append
     new = tuple.__new__  # BatchHeader._make without its Python frame
@@ -242,6 +256,17 @@ def parse_batches(buf: Buffer, *, verify_crc: bool = True) -> list[BatchHeader]:
                 _check_crc(buf, header)
             if header.record_count < 1 or header.last_offset_delta != header.record_count - 1:
                 _check_counts(header)
+            if rules is not None:
+                attributes = header.attributes
+                if (
+                    size > rules.max_batch_bytes
+                    or attributes & CONTROL_MASK
+                    or (attributes & COMPRESSION_MASK) not in SUPPORTED_COMPRESSION
+                    or header.max_timestamp > rules.latest_timestamp
+                ):
+                    _check_produce_rules(
+                        header, rules.now_ms, rules.max_timestamp_skew_ms, rules.max_batch_bytes
+                    )
             append(header)
             pos += size
     return headers
@@ -272,19 +297,8 @@ def validate_batches(
     """
     if len(buf) == 0:
         raise CorruptRecordError("empty record set")
-    headers = parse_batches(buf)
-    latest_allowed = (1 << 63) if now_ms is None else now_ms + max_timestamp_skew_ms
-    for header in headers:
-        # Fields, not properties: this loop runs for every produced batch.
-        attributes = header.attributes
-        if (
-            header.batch_length + LOG_OVERHEAD > max_batch_bytes
-            or attributes & CONTROL_MASK
-            or (attributes & COMPRESSION_MASK) not in SUPPORTED_COMPRESSION
-            or header.max_timestamp > latest_allowed
-        ):
-            _check_produce_rules(header, now_ms, max_timestamp_skew_ms, max_batch_bytes)
-    return headers
+    latest = (1 << 63) if now_ms is None else now_ms + max_timestamp_skew_ms
+    return _parse(buf, True, _ProduceRules(now_ms, max_timestamp_skew_ms, max_batch_bytes, latest))
 
 
 def _check_produce_rules(
@@ -340,8 +354,11 @@ def assign_offsets(
     Returns the next offset after the last batch.
     """
     offset = first_offset
+    pack = _OFFSET_LENGTH_EPOCH.pack_into
     for header in headers:
-        set_base_offset_and_epoch(buf, header.position, offset, leader_epoch)
+        # batchLength sits between the two fields: written back unchanged, so one
+        # pack per batch.
+        pack(buf, header.position, offset, header.batch_length, leader_epoch)
         offset += header.last_offset_delta + 1
     return offset
 

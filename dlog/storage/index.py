@@ -135,15 +135,15 @@ class _MmapIndex:
         assert self._mm is not None
         return self.ENTRY.unpack_from(self._mm, n * self._entry_size)
 
-    def _append_entry(self, *fields: int) -> None:
+    def _cannot_append(self, offset: int) -> StorageError:
+        """Why an entry for ``offset`` cannot be added (for the caller to raise)."""
         if not self._writable or self._mm is None:
-            raise StorageError(f"index {self.path.name} is read-only")
-        if self._entries >= self._max_entries:
-            raise StorageError(f"index {self.path.name} is full ({self._entries} entries)")
-        self.ENTRY.pack_into(self._mm, self._entries * self._entry_size, *fields)
-        self._entries += 1
-        self._last = fields
-        self.modifications += 1
+            return StorageError(f"index {self.path.name} is read-only")
+        if self.is_full:
+            return StorageError(f"index {self.path.name} is full ({self._entries} entries)")
+        return StorageError(
+            f"offset {offset} does not fit index {self.path.name} (base {self.base_offset})"
+        )
 
     def reset(self) -> None:
         """Drop every entry (before a rebuild)."""
@@ -184,14 +184,6 @@ class _MmapIndex:
             os.close(self._fd)
             self._fd = -1
 
-    def _relative(self, offset: int) -> int:
-        relative = offset - self.base_offset
-        if not 0 <= relative <= MAX_RELATIVE_OFFSET:
-            raise StorageError(
-                f"offset {offset} does not fit index {self.path.name} (base {self.base_offset})"
-            )
-        return relative
-
 
 _OFFSET_ENTRY: Final = struct.Struct(">II")
 _TIME_ENTRY: Final = struct.Struct(">qI")
@@ -202,10 +194,16 @@ class OffsetIndex(_MmapIndex):
 
     ENTRY = _OFFSET_ENTRY
 
-    def append(self, offset: int, position: int) -> None:
-        """Add an entry; offsets and positions must both increase."""
+    def append(self, offset: int, position: int, *, skip_when_full: bool = False) -> None:
+        """Add an entry; offsets and positions must both increase.
+
+        A full index raises, or with ``skip_when_full`` drops the entry (the segment
+        rolls before it needs more).
+        """
         relative = offset - self.base_offset
         entries = self._entries
+        if entries >= self._max_entries and skip_when_full:
+            return
         if entries:
             last = self._last if self._last is not None else self._last_fields()
             if relative <= last[0] or position <= last[1]:
@@ -213,24 +211,19 @@ class OffsetIndex(_MmapIndex):
                     f"index {self.path.name}: entry ({offset}, {position}) after"
                     f" ({self.base_offset + last[0]}, {last[1]})"
                 )
+        mm = self._mm
         if (
             relative < 0
             or relative > MAX_RELATIVE_OFFSET
             or entries >= self._max_entries
+            or mm is None
             or not self._writable
         ):
-            self._relative(offset)
-            self._append_entry(relative, position)  # raises, saying why
-        assert self._mm is not None
-        _OFFSET_ENTRY.pack_into(self._mm, entries * 8, relative, position)
+            raise self._cannot_append(offset)
+        _OFFSET_ENTRY.pack_into(mm, entries * 8, relative, position)
         self._entries = entries + 1
         self._last = (relative, position)
         self.modifications += 1
-
-    def maybe_append(self, offset: int, position: int) -> None:
-        """:meth:`append` unless the index is full (the segment rolls soon then)."""
-        if self._entries < self._max_entries:
-            self.append(offset, position)
 
     def entry(self, n: int) -> OffsetPosition:
         relative, position = self._entry(n)
@@ -351,7 +344,14 @@ class TimeIndex(_MmapIndex):
             if not skip_full_check:
                 raise StorageError(f"time index {self.path.name} is full")
             self._truncate_entries(entries - 1)
-        self._append_entry(timestamp, self._relative(offset))
+            entries -= 1
+        mm = self._mm
+        if relative < 0 or relative > MAX_RELATIVE_OFFSET or mm is None or not self._writable:
+            raise self._cannot_append(offset)
+        _TIME_ENTRY.pack_into(mm, entries * 12, timestamp, relative)
+        self._entries = entries + 1
+        self._last = (timestamp, relative)
+        self.modifications += 1
 
     def lookup(self, target_timestamp: int) -> TimestampOffset:
         """Greatest entry with timestamp <= target, else (-1, base_offset)."""

@@ -13,7 +13,7 @@ Rules:
   are, checking that they continue at the LEO.
 * Reads return whole batches, never past ``upper_bound``, at least one batch when
   one exists below it.
-* Durability: ``flush`` fsyncs (in a worker thread) and only then advances the
+* Durability: ``flush`` fsyncs (fdatasync, in a worker thread) and only then advances the
   recovery point. ``open`` scans every segment from the one holding the recovery
   point, validating lengths, CRCs and offsets, and cuts the log at the first bad
   byte (later segments are deleted); indexes of scanned segments are rebuilt.
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NamedTuple
@@ -558,7 +558,7 @@ class PartitionLog:
             size, len(headers), last, now_ms, self._config.segment_bytes, self._config.segment_ms
         ):
             segment = self.roll()
-        self._next_offset = segment.append(buf, headers, first)
+        self._next_offset = segment.append(buf, headers, first, now_ms)
         return LogAppendInfo(
             first_offset=Offset(first),
             last_offset=Offset(last),
@@ -986,11 +986,6 @@ class PartitionLog:
                 await self.checkpoint()
         finally:
             self.close()
-
-    def iter_segments_from(self, offset: int) -> Iterator[LogSegment]:
-        """Segments holding ``offset`` and after (for tools and tests)."""
-        index = max(bisect.bisect_right(self._bases, offset) - 1, 0)
-        yield from self._segments[index:]
 
     def __repr__(self) -> str:
         return (

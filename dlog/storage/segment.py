@@ -213,8 +213,9 @@ class LogSegment:
         last_time = self.time_index.last_entry()
         self.max_timestamp_so_far = last_time.timestamp
         self.offset_of_max_timestamp = last_time.offset
-        #: When segment_ms counts from: the wall clock at creation, or after a restart
-        #: the first batch's timestamp (set by recover()).
+        #: When segment_ms counts from: the wall clock at the first append, or after a
+        #: restart the first batch's timestamp (set by recover(); the time of the first
+        #: append is not stored anywhere).
         self.rolling_based_timestamp = created_ms
         #: The offset after the last batch, when known (the active segment, and any
         #: segment recovery scanned); None for a trusted, unscanned segment.
@@ -310,14 +311,16 @@ class LogSegment:
         buf: bytes | bytearray | memoryview,
         headers: Sequence[BatchHeader],
         first_offset: int,
+        now_ms: int,
     ) -> int:
         """Write whole, validated batches and index them; returns the next offset.
 
         ``headers`` are the batches' headers as parsed from ``buf`` (positions within
         it); their offsets run from ``first_offset`` (the leader assigned them in
-        place after parsing). Either all of ``buf`` reaches the kernel or, on an I/O
-        error, the file is cut back to its previous size and :class:`StorageError`
-        is raised.
+        place after parsing). ``now_ms`` is the wall clock: a segment's age for
+        segment_ms counts from its first append. Either all of ``buf`` reaches the
+        kernel or, on an I/O error, the file is cut back to its previous size and
+        :class:`StorageError` is raised.
         """
         start = self.size
         with memoryview(buf) as view:
@@ -332,9 +335,11 @@ class LogSegment:
                 except OSError:
                     logger.exception("could not cut %s back after a failed write", self.log_path)
                 raise StorageError(f"write to {self.log_path} failed: {exc}") from exc
-        if start == 0 and headers[0].max_timestamp >= 0:
-            # Kafka rolls by the first batch's timestamp once there is one.
-            self.rolling_based_timestamp = headers[0].max_timestamp
+        if start == 0:
+            # Kafka counts from the first batch's own timestamp; the broker's clock is
+            # used here so that producers replaying old records cannot make every
+            # append roll a new segment.
+            self.rolling_based_timestamp = now_ms
         offset = first_offset
         # _index_batch inlined: this loop runs for every appended batch.
         interval = self._index_interval_bytes
@@ -346,7 +351,7 @@ class LogSegment:
                 self.max_timestamp_so_far = max_timestamp
                 self.offset_of_max_timestamp = last
             if since > interval:
-                self.offset_index.maybe_append(last, start + header.position)
+                self.offset_index.append(last, start + header.position, skip_when_full=True)
                 self.time_index.maybe_append(
                     self.max_timestamp_so_far, self.offset_of_max_timestamp, skip_when_full=True
                 )
@@ -366,7 +371,7 @@ class LogSegment:
             self.max_timestamp_so_far = max_timestamp
             self.offset_of_max_timestamp = last_offset
         if self._bytes_since_last_index_entry > self._index_interval_bytes:
-            self.offset_index.maybe_append(last_offset, position)
+            self.offset_index.append(last_offset, position, skip_when_full=True)
             self.time_index.maybe_append(
                 self.max_timestamp_so_far, self.offset_of_max_timestamp, skip_when_full=True
             )

@@ -298,6 +298,21 @@ def test_rolls_by_time(open_log: OpenLog, make_batch: MakeBatch, clock: ManualCl
     assert [s.base_offset for s in log.segments] == [0, 2]
 
 
+def test_segment_age_counts_from_its_first_append(
+    open_log: OpenLog, make_batch: MakeBatch, clock: ManualClock
+) -> None:
+    log = open_log(segment_ms=60_000)
+    clock.advance(10 * 60_000)  # idle long before the first append
+    log.append(make_batch(1), leader_epoch=0)
+    log.append(make_batch(1), leader_epoch=0)
+    assert len(log.segments) == 1
+    # A producer replaying old records does not make every append roll.
+    replay = open_log(log.directory.with_name("replay-0"), segment_ms=60_000)
+    for _ in range(4):
+        replay.append(make_batch(1, timestamp=clock.now_ms() - 10**9), leader_epoch=0)
+    assert len(replay.segments) == 1
+
+
 def test_rolls_when_the_index_fills(open_log: OpenLog, make_batch: MakeBatch) -> None:
     log = open_log(index_interval_bytes=0, segment_index_bytes=48)
     for _ in range(12):

@@ -27,7 +27,7 @@ def new_segment(directory: Path, *, interval: int = 100) -> LogSegment:
 def append(segment: LogSegment, batch: bytearray, next_offset: int) -> int:
     headers = validate_batches(batch, now_ms=None, max_timestamp_skew_ms=0, max_batch_bytes=1 << 20)
     end = assign_offsets(batch, headers, next_offset, 0)
-    assert segment.append(batch, headers, next_offset) == end
+    assert segment.append(batch, headers, next_offset, 0) == end
     return end
 
 
