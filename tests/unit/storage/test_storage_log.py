@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from dlog.clock import ManualClock
 from dlog.errors import (
@@ -241,6 +242,28 @@ async def test_read_async_pins_segments_against_retention(
     assert result == [expected]
     assert first.refs == 0
     assert not list(log.directory.glob("*.deleted"))
+
+
+async def test_read_async_redone_after_a_concurrent_truncation(
+    open_log: OpenLog, make_batch: MakeBatch, thread_gate: ThreadGate
+) -> None:
+    log = open_log()
+    for _ in range(4):
+        log.append(make_batch(2), leader_epoch=0)
+    result = []
+
+    async def reader() -> None:
+        result.append(await log.read_async(0, 1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await thread_gate.entered.wait()  # planned the read of all 8 records
+        nursery.start_soon(log.truncate_to, 3)  # cuts the file under it
+        await trio.testing.wait_all_tasks_blocked()
+        thread_gate.open()
+    assert log.log_end_offset == 2
+    assert result == [log.read(0, 1 << 20)]
+    assert [r.offset for r in decode_records(result[0].records)] == [0, 1]
 
 
 def test_offset_for_timestamp(open_log: OpenLog, make_batch: MakeBatch, clock: ManualClock) -> None:

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import trio
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dlog.clock import ManualClock
@@ -139,7 +139,6 @@ def test_damaged_segment_below_the_recovery_point_is_recovered(
 # -- the property ---------------------------------------------------------------------------
 
 
-@settings(max_examples=60)
 @given(
     batch_sizes=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=25),
     flush_after=st.none() | st.integers(min_value=0, max_value=25),
