@@ -396,10 +396,10 @@ class LogSegment:
                 if len(buf) < HEADER_SIZE:
                     return
             header = _header_at(buf, off, position)
-            if header.batch_length < MIN_BATCH_LENGTH:
-                raise StorageError(
-                    f"{self.log_path}: bad batch length {header.batch_length} at byte {position}"
-                )
+            if header.batch_length < MIN_BATCH_LENGTH or header.magic != MAGIC:
+                # Trusted data that is not a batch (a damaged index pointed here, or the
+                # disk rotted): refuse rather than serve misaligned bytes.
+                raise StorageError(f"{self.log_path}: no record batch at byte {position}")
             yield header
             position += header.batch_length + LOG_OVERHEAD
 
@@ -550,10 +550,23 @@ class LogSegment:
         return self.next_offset
 
     def sanity_check_indexes(self) -> bool:
-        """Can a trusted segment's indexes be used as they are?"""
+        """Can a trusted segment's indexes be used as they are?
+
+        Cheap checks (Kafka's, plus one read): the files existed, their last entries
+        are plausible, and the last offset entry points at a batch ending at its offset.
+        """
         if not self._indexes_existed and self.size:
             return False
-        return self.offset_index.sanity_check(self.size) and self.time_index.sanity_check()
+        if not (self.offset_index.sanity_check(self.size) and self.time_index.sanity_check()):
+            return False
+        if not self.offset_index.entries:
+            return True
+        last = self.offset_index.last_entry()
+        buf = os.pread(self._fd, HEADER_SIZE, last.position)
+        if len(buf) < HEADER_SIZE:
+            return False
+        header = _header_at(buf, 0, last.position)
+        return header.magic == MAGIC and header.last_offset == last.offset
 
     def rebuild_indexes(self) -> None:
         """Rebuild both indexes from batch headers (no CRC: the data is trusted)."""
