@@ -942,6 +942,8 @@ class PartitionLog:
         The epoch cache goes first, then the offsets file; both atomically, in a
         worker thread. Writers are serialised, and each writes the values current when
         its turn comes, so the last file on disk is never older than the last call.
+        Cancellation waits for a write in progress (a file is never half-replaced),
+        then raises.
         """
         async with self._checkpoint_lock:
             if self._closed and not force:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from storage_testing import MakeBatch, OpenLog, ThreadGate
 
 from dlog.clock import ManualClock
 from dlog.errors import (
@@ -28,7 +29,6 @@ from dlog.storage.log import (
     PartitionLog,
     UnexpectedAppendOffsetError,
 )
-from tests.unit.storage.conftest import MakeBatch, OpenLog, ThreadGate
 
 
 def values(log: PartitionLog, offset: int = 0, upper_bound: int | None = None) -> list[bytes]:

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 from rich.console import Console
+from storage_testing import MakeBatch
 
 from dlog.clock import ManualClock
 from dlog.errors import InvalidTopicError, StorageError
@@ -21,7 +22,6 @@ from dlog.storage.manager import (
     parse_partition_dir_name,
     read_partition_metadata,
 )
-from tests.unit.storage.conftest import MakeBatch
 
 
 def manager(tmp_path: Path, clock: ManualClock, **kwargs: int) -> LogManager:

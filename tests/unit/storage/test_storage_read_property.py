@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from storage_testing import START_MS
 
 from dlog.clock import ManualClock
 from dlog.errors import OffsetOutOfRangeError
 from dlog.storage.batch import build_batch
 from dlog.storage.config import LogConfig
 from dlog.storage.log import PartitionLog
-from tests.unit.storage.conftest import START_MS
 
 
 def expected_read(

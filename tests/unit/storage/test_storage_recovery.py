@@ -10,12 +10,12 @@ from pathlib import Path
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from storage_testing import START_MS, MakeBatch, OpenLog
 
 from dlog.clock import ManualClock
 from dlog.storage.batch import BatchHeader, build_batch, iter_batch_headers
 from dlog.storage.config import LogConfig
 from dlog.storage.log import PartitionLog
-from tests.unit.storage.conftest import START_MS, MakeBatch, OpenLog
 
 EPOCH_FIELD = range(12, 16)  # partitionLeaderEpoch: outside the CRC, by Kafka's design
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from storage_testing import MakeBatch
 
 from dlog.storage.batch import assign_offsets, iter_batch_headers, validate_batches
 from dlog.storage.segment import (
@@ -13,7 +14,6 @@ from dlog.storage.segment import (
     parse_segment_file_name,
     segment_file_name,
 )
-from tests.unit.storage.conftest import MakeBatch
 
 BASE = 500
 
