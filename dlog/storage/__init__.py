@@ -19,6 +19,7 @@ from dlog.storage.batch import (
     decode_records,
     iter_batch_headers,
     iter_records,
+    parse_batches,
     validate_batches,
 )
 from dlog.storage.config import LogConfig
@@ -57,5 +58,6 @@ __all__ = [
     "decode_records",
     "iter_batch_headers",
     "iter_records",
+    "parse_batches",
     "validate_batches",
 ]

@@ -57,14 +57,18 @@ class _MmapIndex:
         self._max_index_size = max_index_size - max_index_size % self._entry_size
         if self._max_index_size < self._entry_size:
             raise ValueError(f"max_index_size {max_index_size} holds no entry")
+        self._max_entries = self._max_index_size // self._entry_size
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self._fd = os.open(path, flags, 0o644)
         self._mm: mmap.mmap | None = None
         self._writable = False
+        #: Bumped by every change to the file's bytes or size (what fsync must cover).
+        self.modifications = 0
         try:
             length = os.fstat(self._fd).st_size
             # A file that is not whole entries is damaged past its last whole entry.
             self._entries = min(length, self._max_index_size) // self._entry_size
+            self._last: tuple[int, ...] | None = None
             if writable:
                 self._map_writable()
             else:
@@ -84,12 +88,15 @@ class _MmapIndex:
     def _map_writable(self) -> None:
         self._unmap()
         os.ftruncate(self._fd, self._max_index_size)
+        self.modifications += 1
         self._mm = mmap.mmap(self._fd, self._max_index_size, access=mmap.ACCESS_WRITE)
         self._writable = True
 
     def _map_read_only(self, length: int) -> None:
         self._unmap()
-        os.ftruncate(self._fd, length)
+        if os.fstat(self._fd).st_size != length:
+            os.ftruncate(self._fd, length)
+            self.modifications += 1
         self._mm = mmap.mmap(self._fd, length, access=mmap.ACCESS_READ) if length else None
         self._writable = False
 
@@ -114,11 +121,11 @@ class _MmapIndex:
 
     @property
     def max_entries(self) -> int:
-        return self._max_index_size // self._entry_size
+        return self._max_entries
 
     @property
     def is_full(self) -> bool:
-        return self._entries >= self.max_entries
+        return self._entries >= self._max_entries
 
     @property
     def size_in_bytes(self) -> int:
@@ -128,17 +135,20 @@ class _MmapIndex:
         assert self._mm is not None
         return self.ENTRY.unpack_from(self._mm, n * self._entry_size)
 
-    def _append_entry(self, *fields: int) -> None:
+    def _cannot_append(self, offset: int) -> StorageError:
+        """Why an entry for ``offset`` cannot be added (for the caller to raise)."""
         if not self._writable or self._mm is None:
-            raise StorageError(f"index {self.path.name} is read-only")
+            return StorageError(f"index {self.path.name} is read-only")
         if self.is_full:
-            raise StorageError(f"index {self.path.name} is full ({self._entries} entries)")
-        self.ENTRY.pack_into(self._mm, self._entries * self._entry_size, *fields)
-        self._entries += 1
+            return StorageError(f"index {self.path.name} is full ({self._entries} entries)")
+        return StorageError(
+            f"offset {offset} does not fit index {self.path.name} (base {self.base_offset})"
+        )
 
     def reset(self) -> None:
         """Drop every entry (before a rebuild)."""
         self._entries = 0
+        self._last = None
         # Cut to nothing first so the preallocated space reads as zeros again: a crash
         # mid-rebuild never leaves stale entries looking valid.
         self._unmap()
@@ -147,9 +157,16 @@ class _MmapIndex:
 
     def _truncate_entries(self, n: int) -> None:
         self._entries = n
+        self._last = None
+
+    def _last_fields(self) -> tuple[int, ...]:
+        """The last entry's raw fields (cached: appends check against it)."""
+        if self._last is None:
+            self._last = self._entry(self._entries - 1)
+        return self._last
 
     def fsync(self) -> None:
-        os.fsync(self._fd)
+        os.fdatasync(self._fd)
 
     def rename(self, path: Path) -> None:
         os.rename(self.path, path)
@@ -167,30 +184,46 @@ class _MmapIndex:
             os.close(self._fd)
             self._fd = -1
 
-    def _relative(self, offset: int) -> int:
-        relative = offset - self.base_offset
-        if not 0 <= relative <= MAX_RELATIVE_OFFSET:
-            raise StorageError(
-                f"offset {offset} does not fit index {self.path.name} (base {self.base_offset})"
-            )
-        return relative
+
+_OFFSET_ENTRY: Final = struct.Struct(">II")
+_TIME_ENTRY: Final = struct.Struct(">qI")
 
 
 class OffsetIndex(_MmapIndex):
     """Relative last offset of a batch (u32) -> file position of the batch (u32)."""
 
-    ENTRY = struct.Struct(">II")
+    ENTRY = _OFFSET_ENTRY
 
-    def append(self, offset: int, position: int) -> None:
-        """Add an entry; offsets and positions must both increase."""
-        if self._entries:
-            last = self.last_entry()
-            if offset <= last.offset or position <= last.position:
+    def append(self, offset: int, position: int, *, skip_when_full: bool = False) -> None:
+        """Add an entry; offsets and positions must both increase.
+
+        A full index raises, or with ``skip_when_full`` drops the entry (the segment
+        rolls before it needs more).
+        """
+        relative = offset - self.base_offset
+        entries = self._entries
+        if entries >= self._max_entries and skip_when_full:
+            return
+        if entries:
+            last = self._last if self._last is not None else self._last_fields()
+            if relative <= last[0] or position <= last[1]:
                 raise StorageError(
                     f"index {self.path.name}: entry ({offset}, {position}) after"
-                    f" ({last.offset}, {last.position})"
+                    f" ({self.base_offset + last[0]}, {last[1]})"
                 )
-        self._append_entry(self._relative(offset), position)
+        mm = self._mm
+        if (
+            relative < 0
+            or relative > MAX_RELATIVE_OFFSET
+            or entries >= self._max_entries
+            or mm is None
+            or not self._writable
+        ):
+            raise self._cannot_append(offset)
+        _OFFSET_ENTRY.pack_into(mm, entries * 8, relative, position)
+        self._entries = entries + 1
+        self._last = (relative, position)
+        self.modifications += 1
 
     def entry(self, n: int) -> OffsetPosition:
         relative, position = self._entry(n)
@@ -199,7 +232,8 @@ class OffsetIndex(_MmapIndex):
     def last_entry(self) -> OffsetPosition:
         if not self._entries:
             return OffsetPosition(self.base_offset, 0)
-        return self.entry(self._entries - 1)
+        relative, position = self._last_fields()
+        return OffsetPosition(self.base_offset + relative, position)
 
     def lookup(self, target_offset: int) -> OffsetPosition:
         """Greatest entry with offset <= target, else (base_offset, 0)."""
@@ -265,7 +299,7 @@ class OffsetIndex(_MmapIndex):
 class TimeIndex(_MmapIndex):
     """Timestamp (i64) -> relative offset (u32) of the batch that reached it."""
 
-    ENTRY = struct.Struct(">qI")
+    ENTRY = _TIME_ENTRY
 
     def entry(self, n: int) -> TimestampOffset:
         timestamp, relative = self._entry(n)
@@ -274,27 +308,50 @@ class TimeIndex(_MmapIndex):
     def last_entry(self) -> TimestampOffset:
         if not self._entries:
             return TimestampOffset(-1, self.base_offset)
-        return self.entry(self._entries - 1)
+        timestamp, relative = self._last_fields()
+        return TimestampOffset(timestamp, self.base_offset + relative)
 
-    def maybe_append(self, timestamp: int, offset: int, *, skip_full_check: bool = False) -> None:
+    def maybe_append(
+        self,
+        timestamp: int,
+        offset: int,
+        *,
+        skip_full_check: bool = False,
+        skip_when_full: bool = False,
+    ) -> None:
         """Add (timestamp, offset) if the timestamp is newer than the last entry's.
 
-        ``skip_full_check`` (on roll) lets the final entry overwrite the last slot of a
-        full index, as Kafka does, so the last entry always holds the segment's max.
+        When the index is full: ``skip_when_full`` drops the entry (the segment rolls
+        soon); ``skip_full_check`` (on roll) overwrites the last slot, as Kafka does,
+        so the last entry always holds the segment's max; otherwise it raises.
         """
-        if self._entries:
-            last = self.last_entry()
-            if timestamp <= last.timestamp:
+        relative = offset - self.base_offset
+        entries = self._entries
+        if entries:
+            last_timestamp, last_relative = (
+                self._last if self._last is not None else self._last_fields()
+            )
+            if timestamp <= last_timestamp:
                 return
-            if offset < last.offset:
+            if relative < last_relative:
                 raise StorageError(
-                    f"time index {self.path.name}: offset {offset} before {last.offset}"
+                    f"time index {self.path.name}: offset {offset} before"
+                    f" {self.base_offset + last_relative}"
                 )
-        if self.is_full:
+        if entries >= self._max_entries:
+            if skip_when_full:
+                return
             if not skip_full_check:
                 raise StorageError(f"time index {self.path.name} is full")
-            self._truncate_entries(self._entries - 1)
-        self._append_entry(timestamp, self._relative(offset))
+            self._truncate_entries(entries - 1)
+            entries -= 1
+        mm = self._mm
+        if relative < 0 or relative > MAX_RELATIVE_OFFSET or mm is None or not self._writable:
+            raise self._cannot_append(offset)
+        _TIME_ENTRY.pack_into(mm, entries * 12, timestamp, relative)
+        self._entries = entries + 1
+        self._last = (timestamp, relative)
+        self.modifications += 1
 
     def lookup(self, target_timestamp: int) -> TimestampOffset:
         """Greatest entry with timestamp <= target, else (-1, base_offset)."""

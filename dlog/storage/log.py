@@ -13,7 +13,7 @@ Rules:
   are, checking that they continue at the LEO.
 * Reads return whole batches, never past ``upper_bound``, at least one batch when
   one exists below it.
-* Durability: ``flush`` fsyncs (in a worker thread) and only then advances the
+* Durability: ``flush`` fsyncs (fdatasync, in a worker thread) and only then advances the
   recovery point. ``open`` scans every segment from the one holding the recovery
   point, validating lengths, CRCs and offsets, and cuts the log at the first bad
   byte (later segments are deleted); indexes of scanned segments are rebuilt.
@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 import trio
 
@@ -56,8 +56,8 @@ from dlog.storage.batch import (
     BatchHeader,
     Buffer,
     assign_offsets,
-    iter_batch_headers,
     iter_records,
+    parse_batches,
     validate_batches,
 )
 from dlog.storage.checkpoint import (
@@ -74,7 +74,7 @@ from dlog.storage.segment import (
     DELETED_SUFFIX,
     LOG_SUFFIX,
     SEGMENT_SUFFIXES,
-    AppendedBatch,
+    FlushToken,
     LogSegment,
     ReadPlan,
     parse_segment_file_name,
@@ -99,9 +99,9 @@ class UnexpectedAppendOffsetError(CorruptRecordError):
     """
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LogAppendInfo:
-    """What an append wrote."""
+class LogAppendInfo(NamedTuple):
+    """What an append wrote. (A NamedTuple, not a frozen dataclass: it is built on
+    every append, and a frozen dataclass costs microseconds to build.)"""
 
     first_offset: Offset
     last_offset: Offset
@@ -111,8 +111,7 @@ class LogAppendInfo:
     size: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FetchDataInfo:
+class FetchDataInfo(NamedTuple):
     """Whole batches read from the log, as one chunk per segment touched.
 
     ``next_offset`` is the offset just past the last batch returned (``fetch_offset``
@@ -484,20 +483,20 @@ class PartitionLog:
         :class:`UnsupportedCompressionTypeError`, :class:`InvalidRecordError`, or
         :class:`FencedLeaderEpochError` for an epoch older than the log's latest.
         """
-        self._check_appendable()
+        if self._closed or self._truncating:
+            self._check_appendable()
         if leader_epoch < 0:
             raise ValueError(f"leader epoch must be >= 0, got {leader_epoch}")
         buf: bytearray | memoryview
-        if isinstance(records, bytearray) or (
-            isinstance(records, memoryview) and not records.readonly
-        ):
+        if type(records) is bytearray or (isinstance(records, memoryview) and not records.readonly):
             buf = records
         else:
             buf = bytearray(records)
         config = self._config
+        now_ms = self._clock.now_ms()
         headers = validate_batches(
             buf,
-            now_ms=self._clock.now_ms(),
+            now_ms=now_ms,
             max_timestamp_skew_ms=config.max_timestamp_skew_ms,
             max_batch_bytes=config.max_message_bytes,
         )
@@ -510,8 +509,9 @@ class PartitionLog:
             )
         first = self._next_offset
         assign_offsets(buf, headers, first, leader_epoch)
-        info = self._write(buf, headers, first)
-        self._epoch_cache.assign(leader_epoch, first)
+        info = self._write(buf, headers, first, now_ms)
+        if latest != leader_epoch:
+            self._epoch_cache.assign(leader_epoch, first)
         return info
 
     def append_as_follower(self, records: Buffer) -> LogAppendInfo:
@@ -522,7 +522,7 @@ class PartitionLog:
         leader epoch in the epoch cache. Nothing is written unless all are valid.
         """
         self._check_appendable()
-        headers = list(iter_batch_headers(records))
+        headers = parse_batches(records)
         if not headers:
             raise CorruptRecordError("empty record set")
         expected = self._next_offset
@@ -534,7 +534,7 @@ class PartitionLog:
                     log_end_offset=self._next_offset,
                 )
             expected = header.next_offset
-        info = self._write(records, headers, headers[0].base_offset)
+        info = self._write(records, headers, headers[0].base_offset, self._clock.now_ms())
         for header in headers:
             epoch = header.partition_leader_epoch
             latest = self._epoch_cache.latest_epoch
@@ -542,44 +542,31 @@ class PartitionLog:
                 self._epoch_cache.assign(epoch, header.base_offset)
         return info
 
-    def _write(self, buf: Buffer, headers: list[BatchHeader], first: int) -> LogAppendInfo:
-        batches: list[AppendedBatch] = []
-        offset = first
+    def _write(
+        self, buf: Buffer, headers: list[BatchHeader], first: int, now_ms: int
+    ) -> LogAppendInfo:
         max_timestamp = NO_TIMESTAMP
         records = 0
         for header in headers:
-            last = offset + header.last_offset_delta
-            batches.append(AppendedBatch(header.position, header.size, last, header.max_timestamp))
             if header.max_timestamp > max_timestamp:
                 max_timestamp = header.max_timestamp
             records += header.record_count
-            offset = last + 1
-        segment = self._maybe_roll(len(buf), len(batches), offset - 1)
-        segment.append(buf, batches)
-        self._next_offset = offset
+        last = first + records - 1  # offsets are contiguous: one per record
+        size = len(buf)
+        segment = self._segments[-1]
+        if segment.size and segment.should_roll(
+            size, len(headers), last, now_ms, self._config.segment_bytes, self._config.segment_ms
+        ):
+            segment = self.roll()
+        self._next_offset = segment.append(buf, headers, first, now_ms)
         return LogAppendInfo(
             first_offset=Offset(first),
-            last_offset=Offset(offset - 1),
+            last_offset=Offset(last),
             max_timestamp=max_timestamp,
-            batch_count=len(batches),
+            batch_count=len(headers),
             record_count=records,
-            size=len(buf),
+            size=size,
         )
-
-    def _maybe_roll(self, size: int, batch_count: int, last_offset: int) -> LogSegment:
-        segment = self._segments[-1]
-        if segment.is_empty:
-            return segment
-        config = self._config
-        if (
-            segment.size + size > config.segment_bytes
-            or self._clock.now_ms() - segment.rolling_based_timestamp > config.segment_ms
-            or segment.offset_index.entries + batch_count > segment.offset_index.max_entries
-            or segment.time_index.entries + batch_count + 1 > segment.time_index.max_entries
-            or not segment.fits(last_offset)
-        ):
-            return self.roll()
-        return segment
 
     def roll(self) -> LogSegment:
         """Start a new active segment at the log end offset (no-op if the active is empty)."""
@@ -928,7 +915,7 @@ class PartitionLog:
             generation = self._generation
             dir_seq = self._dir_seq
             dirty = [
-                (segment, segment.flush_seq()) for segment in self._segments if segment.is_dirty
+                (segment, segment.begin_flush()) for segment in self._segments if segment.is_dirty
             ]
             sync_dir = dir_seq != self._dir_flushed_seq
             for segment, _ in dirty:
@@ -936,14 +923,14 @@ class PartitionLog:
             try:
                 await trio.to_thread.run_sync(
                     _fsync_all,
-                    [segment for segment, _ in dirty],
+                    dirty,
                     self.directory if sync_dir else None,
                 )
             finally:
                 for segment, _ in dirty:
                     segment.release()
-            for segment, seq in dirty:
-                segment.mark_flushed(seq)
+            for segment, token in dirty:
+                segment.mark_flushed(token)
             self._dir_flushed_seq = max(self._dir_flushed_seq, dir_seq)
             if generation == self._generation:
                 self._recovery_point = max(self._recovery_point, min(target, self._next_offset))
@@ -955,6 +942,8 @@ class PartitionLog:
         The epoch cache goes first, then the offsets file; both atomically, in a
         worker thread. Writers are serialised, and each writes the values current when
         its turn comes, so the last file on disk is never older than the last call.
+        Cancellation waits for a write in progress (a file is never half-replaced),
+        then raises.
         """
         async with self._checkpoint_lock:
             if self._closed and not force:
@@ -1000,11 +989,6 @@ class PartitionLog:
         finally:
             self.close()
 
-    def iter_segments_from(self, offset: int) -> Iterator[LogSegment]:
-        """Segments holding ``offset`` and after (for tools and tests)."""
-        index = max(bisect.bisect_right(self._bases, offset) - 1, 0)
-        yield from self._segments[index:]
-
     def __repr__(self) -> str:
         return (
             f"PartitionLog({str(self.directory)!r}, log_start_offset={self._bases[0]},"
@@ -1020,10 +1004,10 @@ def _delete_files(directory: Path, bases: list[int]) -> int:
     return len(bases)
 
 
-def _fsync_all(segments: list[LogSegment], directory: Path | None) -> None:
+def _fsync_all(segments: list[tuple[LogSegment, FlushToken]], directory: Path | None) -> None:
     try:
-        for segment in segments:
-            segment.fsync()
+        for segment, token in segments:
+            segment.fsync(token)
         if directory is not None:
             fsync_directory(directory)
     except OSError as exc:

@@ -2,7 +2,7 @@
 
 Layout::
 
-    <data_dir>/.lock                    flock held while the manager runs
+    <data_dir>/.log-manager.lock        flock held while the manager runs
     <data_dir>/<topic>-<partition>/     one PartitionLog
         partition.metadata              "version: 0" / "topic_id: <id>"
         00000000000000000000.log ...    segments and checkpoints (see log.py)
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 PARTITION_METADATA: Final = "partition.metadata"
 DELETE_SUFFIX: Final = "-delete"
-LOCK_FILE: Final = ".lock"
+#: Not ".lock": a broker locking its own data directory must not collide with this.
+LOCK_FILE: Final = ".log-manager.lock"
 
 TopicPartition = tuple[str, int]
 
@@ -266,7 +267,16 @@ class LogManager:
                 await self._remove(key)
             directory = self.data_dir / partition_dir_name(topic, partition)
             if directory.exists():
-                # A directory that failed to open at start-up, or appeared since.
+                # One that failed to open at start-up, or appeared since: retried if it
+                # is this topic's (an error then propagates; its data is kept), removed
+                # if it is not.
+                if read_partition_metadata(directory) == topic_id:
+                    log = await trio.to_thread.run_sync(
+                        PartitionLog.open, directory, config, self.clock
+                    )
+                    self._logs[key] = log
+                    self._topic_ids[key] = topic_id
+                    return log
                 await self._remove_directory(directory)
             log = await trio.to_thread.run_sync(self._create, directory, topic_id, config)
             self._logs[key] = log

@@ -64,13 +64,12 @@ def parse_segment_file_name(name: str) -> tuple[int, str] | None:
     return None
 
 
-class AppendedBatch(NamedTuple):
-    """What a segment needs to know of a batch it appends (after offsets are set)."""
+class FlushToken(NamedTuple):
+    """Modification counts of a segment's three files when a flush started."""
 
-    position: int  # in the buffer being appended
-    size: int
-    last_offset: int
-    max_timestamp: int
+    segment: int
+    offset_index: int
+    time_index: int
 
 
 class ReadPlan(NamedTuple):
@@ -214,19 +213,24 @@ class LogSegment:
         last_time = self.time_index.last_entry()
         self.max_timestamp_so_far = last_time.timestamp
         self.offset_of_max_timestamp = last_time.offset
-        #: When segment_ms counts from: the wall clock at creation, or after a restart
-        #: the first batch's timestamp (set by recover()).
+        #: When segment_ms counts from: the wall clock at the first append, or after a
+        #: restart the first batch's timestamp (set by recover(); the time of the first
+        #: append is not stored anywhere).
         self.rolling_based_timestamp = created_ms
         #: The offset after the last batch, when known (the active segment, and any
         #: segment recovery scanned); None for a trusted, unscanned segment.
         self.next_offset: int | None = base_offset if self.size == 0 else None
         self._bytes_since_last_index_entry = 0
+        #: (offset, position) of a batch start the last read ended at; see plan_read.
+        self._read_hint: tuple[int, int] | None = None
         self._refs = 1
         self._deleted = False
         self._closed = False
         # Modification counter vs. what the last fsync covered.
         self._dirty_seq = 0
-        self._flushed_seq = 0
+        self._flushed = FlushToken(
+            0, self.offset_index.modifications, self.time_index.modifications
+        )
 
     @classmethod
     def create(
@@ -258,7 +262,7 @@ class LogSegment:
 
     @property
     def is_dirty(self) -> bool:
-        return self._dirty_seq != self._flushed_seq
+        return self._dirty_seq != self._flushed.segment
 
     @property
     def refs(self) -> int:
@@ -279,15 +283,44 @@ class LogSegment:
 
     # -- writing -------------------------------------------------------------------------
 
-    def fits(self, last_offset: int) -> bool:
-        """Can ``last_offset`` be indexed relative to this segment's base offset?"""
-        return last_offset - self.base_offset <= MAX_RELATIVE_OFFSET
+    def should_roll(
+        self,
+        size: int,
+        batch_count: int,
+        last_offset: int,
+        now_ms: int,
+        segment_bytes: int,
+        segment_ms: int,
+    ) -> bool:
+        """Kafka's roll rule for an append of ``size`` bytes in ``batch_count`` batches:
+        the segment would outgrow segment_bytes, is older than segment_ms (by the wall
+        clock), an index could fill up, or ``last_offset`` would not fit the index's
+        32-bit relative offsets. An empty segment never rolls."""
+        if not self.size:
+            return False
+        return (
+            self.size + size > segment_bytes
+            or now_ms - self.rolling_based_timestamp > segment_ms
+            or self.offset_index.entries + batch_count > self.offset_index.max_entries
+            or self.time_index.entries + batch_count + 1 > self.time_index.max_entries
+            or last_offset - self.base_offset > MAX_RELATIVE_OFFSET
+        )
 
-    def append(self, buf: bytes | bytearray | memoryview, batches: Sequence[AppendedBatch]) -> None:
-        """Write whole batches (already validated, offsets set) and index them.
+    def append(
+        self,
+        buf: bytes | bytearray | memoryview,
+        headers: Sequence[BatchHeader],
+        first_offset: int,
+        now_ms: int,
+    ) -> int:
+        """Write whole, validated batches and index them; returns the next offset.
 
-        Either all of ``buf`` reaches the kernel or, on an I/O error, the file is cut
-        back to its previous size and :class:`StorageError` is raised.
+        ``headers`` are the batches' headers as parsed from ``buf`` (positions within
+        it); their offsets run from ``first_offset`` (the leader assigned them in
+        place after parsing). ``now_ms`` is the wall clock: a segment's age for
+        segment_ms counts from its first append. Either all of ``buf`` reaches the
+        kernel or, on an I/O error, the file is cut back to its previous size and
+        :class:`StorageError` is raised.
         """
         start = self.size
         with memoryview(buf) as view:
@@ -302,28 +335,46 @@ class LogSegment:
                 except OSError:
                     logger.exception("could not cut %s back after a failed write", self.log_path)
                 raise StorageError(f"write to {self.log_path} failed: {exc}") from exc
-        if start == 0 and batches and batches[0].max_timestamp >= 0:
-            # Kafka rolls by the first batch's timestamp once there is one.
-            self.rolling_based_timestamp = batches[0].max_timestamp
-        for batch in batches:
-            self._index_batch(
-                start + batch.position, batch.size, batch.last_offset, batch.max_timestamp
-            )
+        if start == 0:
+            # Kafka counts from the first batch's own timestamp; the broker's clock is
+            # used here so that producers replaying old records cannot make every
+            # append roll a new segment.
+            self.rolling_based_timestamp = now_ms
+        offset = first_offset
+        # _index_batch inlined: this loop runs for every appended batch.
+        interval = self._index_interval_bytes
+        since = self._bytes_since_last_index_entry
+        for header in headers:
+            last = offset + header.last_offset_delta
+            max_timestamp = header.max_timestamp
+            if max_timestamp > self.max_timestamp_so_far:
+                self.max_timestamp_so_far = max_timestamp
+                self.offset_of_max_timestamp = last
+            if since > interval:
+                self.offset_index.append(last, start + header.position, skip_when_full=True)
+                self.time_index.maybe_append(
+                    self.max_timestamp_so_far, self.offset_of_max_timestamp, skip_when_full=True
+                )
+                since = 0
+            since += header.batch_length + LOG_OVERHEAD
+            offset = last + 1
+        self._bytes_since_last_index_entry = since
         self.size = start + total
-        self.next_offset = batches[-1].last_offset + 1 if batches else self.next_offset
-        self._mark_dirty()
+        self.next_offset = offset
+        self._dirty_seq += 1
+        return offset
 
     def _index_batch(self, position: int, size: int, last_offset: int, max_timestamp: int) -> None:
+        """Track the max timestamp and add index entries every index_interval_bytes
+        (Kafka's rule; :meth:`append` inlines it)."""
         if max_timestamp > self.max_timestamp_so_far:
             self.max_timestamp_so_far = max_timestamp
             self.offset_of_max_timestamp = last_offset
         if self._bytes_since_last_index_entry > self._index_interval_bytes:
-            if not self.offset_index.is_full:
-                self.offset_index.append(last_offset, position)
-            if not self.time_index.is_full:
-                self.time_index.maybe_append(
-                    self.max_timestamp_so_far, self.offset_of_max_timestamp
-                )
+            self.offset_index.append(last_offset, position, skip_when_full=True)
+            self.time_index.maybe_append(
+                self.max_timestamp_so_far, self.offset_of_max_timestamp, skip_when_full=True
+            )
             self._bytes_since_last_index_entry = 0
         self._bytes_since_last_index_entry += size
 
@@ -345,10 +396,10 @@ class LogSegment:
                 if len(buf) < HEADER_SIZE:
                     return
             header = _header_at(buf, off, position)
-            if header.batch_length < MIN_BATCH_LENGTH:
-                raise StorageError(
-                    f"{self.log_path}: bad batch length {header.batch_length} at byte {position}"
-                )
+            if header.batch_length < MIN_BATCH_LENGTH or header.magic != MAGIC:
+                # Trusted data that is not a batch (a damaged index pointed here, or the
+                # disk rotted): refuse rather than serve misaligned bytes.
+                raise StorageError(f"{self.log_path}: no record batch at byte {position}")
             yield header
             position += header.batch_length + LOG_OVERHEAD
 
@@ -378,38 +429,62 @@ class LogSegment:
         where this segment's offsets end (the next segment's base offset, or the log
         end offset). None when ``offset`` is past this segment's last batch.
         """
-        first = self.translate_offset(offset)
-        if first is None:
+        located = self._locate(offset)
+        if located is None:
             return None
-        if first.last_offset >= max_offset:
-            return ReadPlan(first.position, 0, first.base_offset, first.base_offset)
+        start, first_offset = located
         # Where the batches below max_offset end.
         bound_pos, bound_offset = self.size, end_offset
         if max_offset < end_offset:
-            upper = self.translate_offset(max_offset, first.position)
+            upper = self.translate_offset(max_offset, start)
             if upper is not None:
                 bound_pos, bound_offset = upper.position, upper.base_offset
-        limit = first.position + max_size
+        if bound_pos <= start:  # the first batch already reaches max_offset
+            return ReadPlan(start, 0, first_offset, first_offset)
+        limit = start + max_size
         if limit >= bound_pos:
-            return ReadPlan(
-                first.position, bound_pos - first.position, first.base_offset, bound_offset
-            )
-        # Cut at the last batch boundary at or before limit; the index finds a boundary
-        # near it so the walk covers about one index interval, not the whole range.
-        entry = self.offset_index.lookup_position(limit)
-        end_pos = max(entry.position, first.position)
-        next_offset = first.base_offset
+            plan = ReadPlan(start, bound_pos - start, first_offset, bound_offset)
+        else:
+            plan = self._cut(start, first_offset, limit, bound_pos, min_one_batch)
+        if plan.size and plan.next_offset < end_offset:
+            # Readers usually come back for the next offset: remember where it starts.
+            self._read_hint = (plan.next_offset, plan.position + plan.size)
+        return plan
+
+    def _locate(self, offset: int) -> tuple[int, int] | None:
+        """(position, base offset) of the batch holding ``offset``; None past the end."""
+        hint = self._read_hint
+        if hint is not None and hint[0] == offset:
+            return hint[1], offset
+        header = self.translate_offset(offset)
+        if header is None:
+            return None
+        return header.position, header.base_offset
+
+    def _cut(
+        self, start: int, first_offset: int, limit: int, bound_pos: int, min_one_batch: bool
+    ) -> ReadPlan:
+        """Whole batches from ``start`` ending at or before ``limit`` (< ``bound_pos``).
+
+        The offset index gives a batch boundary near the limit, so only about one
+        index interval of headers is walked, whatever the read size.
+        """
+        end_pos = max(self.offset_index.lookup_position(limit).position, start)
+        next_offset = first_offset
         for header in self._walk(end_pos, bound_pos):
             if header.position + header.size > limit:
                 next_offset = header.base_offset
                 break
             end_pos = header.position + header.size
             next_offset = header.next_offset
-        if end_pos == first.position:
-            if not min_one_batch:
-                return ReadPlan(first.position, 0, first.base_offset, first.base_offset)
-            return ReadPlan(first.position, first.size, first.base_offset, first.next_offset)
-        return ReadPlan(first.position, end_pos - first.position, first.base_offset, next_offset)
+            if end_pos + HEADER_SIZE > limit:
+                break  # no further batch can fit: do not read its header
+        if end_pos > start:
+            return ReadPlan(start, end_pos - start, first_offset, next_offset)
+        if not min_one_batch:
+            return ReadPlan(start, 0, first_offset, first_offset)
+        first = next(self._walk(start, self.size))
+        return ReadPlan(start, first.size, first_offset, first.next_offset)
 
     def find_first_batch_at_or_after_timestamp(self, timestamp: int) -> BatchHeader | None:
         """The first batch whose maxTimestamp is >= ``timestamp`` (via the time index)."""
@@ -433,6 +508,7 @@ class LogSegment:
         self.max_timestamp_so_far = -1
         self.offset_of_max_timestamp = self.base_offset
         self._bytes_since_last_index_entry = 0
+        self._read_hint = None
         file_size = os.fstat(self._fd).st_size
         valid_end = 0
         next_offset = self.base_offset
@@ -474,10 +550,23 @@ class LogSegment:
         return self.next_offset
 
     def sanity_check_indexes(self) -> bool:
-        """Can a trusted segment's indexes be used as they are?"""
+        """Can a trusted segment's indexes be used as they are?
+
+        Cheap checks (Kafka's, plus one read): the files existed, their last entries
+        are plausible, and the last offset entry points at a batch ending at its offset.
+        """
         if not self._indexes_existed and self.size:
             return False
-        return self.offset_index.sanity_check(self.size) and self.time_index.sanity_check()
+        if not (self.offset_index.sanity_check(self.size) and self.time_index.sanity_check()):
+            return False
+        if not self.offset_index.entries:
+            return True
+        last = self.offset_index.last_entry()
+        buf = os.pread(self._fd, HEADER_SIZE, last.position)
+        if len(buf) < HEADER_SIZE:
+            return False
+        header = _header_at(buf, 0, last.position)
+        return header.magic == MAGIC and header.last_offset == last.offset
 
     def rebuild_indexes(self) -> None:
         """Rebuild both indexes from batch headers (no CRC: the data is trusted)."""
@@ -506,6 +595,7 @@ class LogSegment:
         if header is None:
             return 0
         removed = self.size - header.position
+        self._read_hint = None
         os.ftruncate(self._fd, header.position)
         self.size = header.position
         self.next_offset = header.base_offset
@@ -536,18 +626,30 @@ class LogSegment:
 
     # -- durability ----------------------------------------------------------------------
 
-    def flush_seq(self) -> int:
-        """The modification count an fsync started now would cover."""
-        return self._dirty_seq
+    def begin_flush(self) -> FlushToken:
+        """What an fsync started now must cover (taken in the owning thread)."""
+        return FlushToken(
+            self._dirty_seq,
+            self.offset_index.modifications,
+            self.time_index.modifications,
+        )
 
-    def fsync(self) -> None:
-        """fsync the log and both indexes; may run in a worker thread (hold a ref)."""
-        os.fsync(self._fd)
-        self.offset_index.fsync()
-        self.time_index.fsync()
+    def fsync(self, token: FlushToken) -> None:
+        """fdatasync the log and whichever index changed since the last flush.
 
-    def mark_flushed(self, seq: int) -> None:
-        self._flushed_seq = max(self._flushed_seq, seq)
+        May run in a worker thread (hold a reference meanwhile). fdatasync, not fsync:
+        it still writes the file size and block maps, which is all reading needs.
+        """
+        os.fdatasync(self._fd)
+        if token.offset_index != self._flushed.offset_index:
+            self.offset_index.fsync()
+        if token.time_index != self._flushed.time_index:
+            self.time_index.fsync()
+
+    def mark_flushed(self, token: FlushToken) -> None:
+        """The fsync for ``token`` completed (back in the owning thread)."""
+        if token.segment >= self._flushed.segment:
+            self._flushed = token
 
     # -- lifetime ------------------------------------------------------------------------
 

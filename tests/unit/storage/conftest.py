@@ -8,16 +8,12 @@ from typing import Any
 
 import pytest
 import trio
+from storage_testing import START_MS, MakeBatch, OpenLog, ThreadGate
 
 from dlog.clock import ManualClock
 from dlog.storage.batch import BatchBuilder, Compression
 from dlog.storage.config import LogConfig
 from dlog.storage.log import PartitionLog
-
-START_MS = 1_700_000_000_000
-
-MakeBatch = Callable[..., bytearray]
-OpenLog = Callable[..., PartitionLog]
 
 
 @pytest.fixture
@@ -63,17 +59,6 @@ def open_log(tmp_path: Path, clock: ManualClock) -> Iterator[OpenLog]:
         log.close()
 
 
-class ThreadGate:
-    """Holds every ``trio.to_thread.run_sync`` call until :meth:`open` (see fixture)."""
-
-    def __init__(self) -> None:
-        self.entered = trio.Event()
-        self._open = trio.Event()
-
-    def open(self) -> None:
-        self._open.set()
-
-
 @pytest.fixture
 def thread_gate(monkeypatch: pytest.MonkeyPatch) -> ThreadGate:
     """Freeze work at the moment it would go to a worker thread, deterministically."""
@@ -82,7 +67,7 @@ def thread_gate(monkeypatch: pytest.MonkeyPatch) -> ThreadGate:
 
     async def gated(fn: Callable[..., object], *args: object, **kwargs: Any) -> object:
         gate.entered.set()
-        await gate._open.wait()
+        await gate.opened.wait()
         return await run_sync(fn, *args, **kwargs)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", gated)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
+from storage_testing import MakeBatch, OpenLog, ThreadGate
 
 from dlog.clock import ManualClock
 from dlog.errors import (
@@ -27,7 +29,6 @@ from dlog.storage.log import (
     PartitionLog,
     UnexpectedAppendOffsetError,
 )
-from tests.unit.storage.conftest import MakeBatch, OpenLog, ThreadGate
 
 
 def values(log: PartitionLog, offset: int = 0, upper_bound: int | None = None) -> list[bytes]:
@@ -243,6 +244,28 @@ async def test_read_async_pins_segments_against_retention(
     assert not list(log.directory.glob("*.deleted"))
 
 
+async def test_read_async_redone_after_a_concurrent_truncation(
+    open_log: OpenLog, make_batch: MakeBatch, thread_gate: ThreadGate
+) -> None:
+    log = open_log()
+    for _ in range(4):
+        log.append(make_batch(2), leader_epoch=0)
+    result = []
+
+    async def reader() -> None:
+        result.append(await log.read_async(0, 1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await thread_gate.entered.wait()  # planned the read of all 8 records
+        nursery.start_soon(log.truncate_to, 3)  # cuts the file under it
+        await trio.testing.wait_all_tasks_blocked()
+        thread_gate.open()
+    assert log.log_end_offset == 2
+    assert result == [log.read(0, 1 << 20)]
+    assert [r.offset for r in decode_records(result[0].records)] == [0, 1]
+
+
 def test_offset_for_timestamp(open_log: OpenLog, make_batch: MakeBatch, clock: ManualClock) -> None:
     log = open_log(segment_bytes=300, index_interval_bytes=50)
     start = clock.now_ms()
@@ -296,6 +319,21 @@ def test_rolls_by_time(open_log: OpenLog, make_batch: MakeBatch, clock: ManualCl
     clock.advance(1)
     log.append(make_batch(1), leader_epoch=0)
     assert [s.base_offset for s in log.segments] == [0, 2]
+
+
+def test_segment_age_counts_from_its_first_append(
+    open_log: OpenLog, make_batch: MakeBatch, clock: ManualClock
+) -> None:
+    log = open_log(segment_ms=60_000)
+    clock.advance(10 * 60_000)  # idle long before the first append
+    log.append(make_batch(1), leader_epoch=0)
+    log.append(make_batch(1), leader_epoch=0)
+    assert len(log.segments) == 1
+    # A producer replaying old records does not make every append roll.
+    replay = open_log(log.directory.with_name("replay-0"), segment_ms=60_000)
+    for _ in range(4):
+        replay.append(make_batch(1, timestamp=clock.now_ms() - 10**9), leader_epoch=0)
+    assert len(replay.segments) == 1
 
 
 def test_rolls_when_the_index_fills(open_log: OpenLog, make_batch: MakeBatch) -> None:

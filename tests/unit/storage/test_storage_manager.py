@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 from rich.console import Console
+from storage_testing import MakeBatch
 
 from dlog.clock import ManualClock
 from dlog.errors import InvalidTopicError, StorageError
@@ -21,7 +22,6 @@ from dlog.storage.manager import (
     parse_partition_dir_name,
     read_partition_metadata,
 )
-from tests.unit.storage.conftest import MakeBatch
 
 
 def manager(tmp_path: Path, clock: ManualClock, **kwargs: int) -> LogManager:
@@ -185,3 +185,24 @@ async def test_demo_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert "order 11: widget x4" in text
     assert "00000000000000000000.log" in text
     assert (tmp_path / ".dlog" / "demo" / "orders-0").is_dir()
+
+
+async def test_directory_appearing_after_start_is_adopted_only_if_its_id_matches(
+    tmp_path: Path, clock: ManualClock, make_batch: MakeBatch
+) -> None:
+    from dlog.storage.log import PartitionLog
+    from dlog.storage.manager import write_partition_metadata
+
+    logs = manager(tmp_path, clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(logs.run)
+        for topic, topic_id in (("same", "id-1"), ("other", "id-old")):
+            directory = tmp_path / "data" / f"{topic}-0"
+            directory.mkdir()
+            write_partition_metadata(directory, topic_id)
+            log = PartitionLog.open(directory, LogConfig(), clock)
+            log.append(make_batch(2), leader_epoch=0)
+            log.close()
+        assert (await logs.get_or_create("same", 0, "id-1")).log_end_offset == 2
+        assert (await logs.get_or_create("other", 0, "id-new")).log_end_offset == 0
+        nursery.cancel_scope.cancel()

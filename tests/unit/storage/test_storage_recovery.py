@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import trio
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from storage_testing import START_MS, MakeBatch, OpenLog
 
 from dlog.clock import ManualClock
 from dlog.storage.batch import BatchHeader, build_batch, iter_batch_headers
 from dlog.storage.config import LogConfig
 from dlog.storage.log import PartitionLog
-from tests.unit.storage.conftest import START_MS, MakeBatch, OpenLog
 
 EPOCH_FIELD = range(12, 16)  # partitionLeaderEpoch: outside the CRC, by Kafka's design
 
@@ -59,6 +60,22 @@ def test_missing_index_of_a_trusted_segment_is_rebuilt(
     assert reopened.read(0, 1 << 20) == expected
     for offset in range(20):
         assert reopened.read(offset, 1).chunks[0] == log_batch_at(expected.records, offset)
+    reopened.close()
+
+
+def test_plausible_but_wrong_index_of_a_trusted_segment_is_rebuilt(
+    open_log: OpenLog, make_batch: MakeBatch, clock: ManualClock
+) -> None:
+    log = open_log(segment_bytes=600, index_interval_bytes=50)
+    for _ in range(10):
+        log.append(make_batch(2), leader_epoch=0)
+    expected = log.read(0, 1 << 20)
+    trio.run(log.aclose)
+    # Increasing, non-zero, inside the file, but pointing into the middle of a batch.
+    (log.directory / f"{0:020d}.index").write_bytes(struct.pack(">IIII", 1, 10, 3, 20))
+    reopened = PartitionLog.open(log.directory, log.config, clock)
+    assert reopened.recovery_report.rebuilt_indexes == 1
+    assert reopened.read(0, 1 << 20) == expected
     reopened.close()
 
 
@@ -139,7 +156,6 @@ def test_damaged_segment_below_the_recovery_point_is_recovered(
 # -- the property ---------------------------------------------------------------------------
 
 
-@settings(max_examples=60)
 @given(
     batch_sizes=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=25),
     flush_after=st.none() | st.integers(min_value=0, max_value=25),

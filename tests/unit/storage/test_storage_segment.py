@@ -6,15 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+from storage_testing import MakeBatch
 
 from dlog.storage.batch import assign_offsets, iter_batch_headers, validate_batches
 from dlog.storage.segment import (
-    AppendedBatch,
     LogSegment,
     parse_segment_file_name,
     segment_file_name,
 )
-from tests.unit.storage.conftest import MakeBatch
 
 BASE = 500
 
@@ -28,13 +27,7 @@ def new_segment(directory: Path, *, interval: int = 100) -> LogSegment:
 def append(segment: LogSegment, batch: bytearray, next_offset: int) -> int:
     headers = validate_batches(batch, now_ms=None, max_timestamp_skew_ms=0, max_batch_bytes=1 << 20)
     end = assign_offsets(batch, headers, next_offset, 0)
-    offset = next_offset
-    batches = []
-    for header in headers:
-        last = offset + header.last_offset_delta
-        batches.append(AppendedBatch(header.position, header.size, last, header.max_timestamp))
-        offset = last + 1
-    segment.append(batch, batches)
+    assert segment.append(batch, headers, next_offset, 0) == end
     return end
 
 
