@@ -153,14 +153,18 @@ class Client:
             clock=self._clock,
             rng=self._rng,
         )
+        body_error: BaseException | None = None
         async with trio.open_nursery() as nursery:
             await nursery.start(producer.run)
             try:
                 yield producer
-            except BaseException:
+            except BaseException as exc:
+                body_error = exc
                 nursery.cancel_scope.cancel()
-                raise
-            await producer.aclose()
+            else:
+                await producer.aclose()
+        if body_error is not None:
+            raise body_error  # outside the nursery: not wrapped in an ExceptionGroup
 
     @asynccontextmanager
     async def consumer(
@@ -202,16 +206,19 @@ class Client:
             rng=self._rng,
         )
         await consumer.start()
+        body_error: BaseException | None = None
         async with trio.open_nursery() as nursery:
             await nursery.start(consumer.run)
             try:
                 yield consumer
-            except BaseException:
-                nursery.cancel_scope.cancel()
-                raise
-            if config.auto_commit_interval_ms is not None:
-                await consumer.commit()
+            except BaseException as exc:
+                body_error = exc
+            else:
+                if config.auto_commit_interval_ms is not None:
+                    await consumer.commit()
             nursery.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error  # outside the nursery: not wrapped in an ExceptionGroup
 
     # --- topics -------------------------------------------------------------------------
 
@@ -525,6 +532,7 @@ async def connect(
     opts = _build(ClientOptions, "client", options)
     addresses = parse_bootstrap(bootstrap)
     rng = rng or random.Random()
+    body_error: BaseException | None = None
     async with AsyncExitStack() as stack:
         if pool is None:
             net_config = ClientConfig(
@@ -537,5 +545,10 @@ async def connect(
             await nursery.start(client.metadata.run)
             try:
                 yield client
-            finally:
-                nursery.cancel_scope.cancel()
+            except BaseException as exc:
+                body_error = exc
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        # Raised outside every nursery (ours and the pool's), so the caller gets its
+        # own exception back, not wrapped in ExceptionGroups.
+        raise body_error

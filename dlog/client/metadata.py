@@ -131,6 +131,13 @@ def merge_response(
     """The view after ``response``, an answer to a request for ``asked`` (None: all)."""
     topics: dict[str, TopicInfo] = {} if asked is None else dict(view.topics)
     missing = set() if asked is None else set(view.missing)
+    # A topic asked for and absent from the answer does not exist either (a broker
+    # may answer with every topic however few were asked for).
+    answered = {meta.name for meta in response.topics}
+    for name in asked or ():
+        if name not in answered:
+            topics.pop(name, None)
+            missing.add(name)
     for meta in response.topics:
         if meta.error_code == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION:
             topics.pop(meta.name, None)

@@ -167,6 +167,7 @@ class FakeCluster:
         #: Produce requests that overlapped another for the same partition.
         self.overlapping_produces = 0
         self.changed = trio.Event()
+        self._request_seen = trio.Event()
         self._nursery: trio.Nursery | None = None
 
     # --- set-up --------------------------------------------------------------------------
@@ -259,6 +260,11 @@ class FakeCluster:
 
     def requests_of(self, op: str) -> list[tuple[int, Message]]:
         return [(n, r) for n, o, r in self.requests if o == op]
+
+    async def wait_for_requests(self, op: str, count: int) -> None:
+        """Wait until ``count`` requests of ``op`` have reached the brokers."""
+        while len(self.requests_of(op)) < count:
+            await self._request_seen.wait()
 
     @asynccontextmanager
     async def connect(self, **options: Any) -> AsyncIterator[dlog.Client]:
@@ -405,7 +411,10 @@ class FakeBroker:
                 task_status.started()
 
     def _log(self, op: str, request: Message) -> None:
-        self.cluster.requests.append((self.node_id, op, request))
+        c = self.cluster
+        c.requests.append((self.node_id, op, request))
+        c._request_seen.set()
+        c._request_seen = trio.Event()
 
     def _request_fault(self, op: str) -> None:
         fault = self.cluster._take_fault(op, self.node_id)
@@ -924,19 +933,24 @@ class MemoryRpcPool(RpcPool):
 async def open_memory_pool(
     cluster: FakeCluster, rng: random.Random, config: ClientConfig | None = None
 ) -> AsyncIterator[MemoryRpcPool]:
+    body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         pool = MemoryRpcPool(nursery, config or ClientConfig(), rng, cluster)
         try:
             yield pool
-        finally:
-            pool.close()
-            nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            body_error = exc
+        pool.close()
+        nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
 
 
 @asynccontextmanager
 async def open_fake_cluster(nodes: int = 1, *, transport: str = "memory") -> AsyncIterator[FakeCluster]:
     """A running fake cluster of ``nodes`` brokers (ids 1..nodes)."""
     cluster = FakeCluster(nodes, transport=transport)
+    body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         cluster._nursery = nursery
         if transport == "tcp":
@@ -944,5 +958,8 @@ async def open_fake_cluster(nodes: int = 1, *, transport: str = "memory") -> Asy
                 await broker.start()
         try:
             yield cluster
-        finally:
-            nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            body_error = exc
+        nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
