@@ -12,7 +12,15 @@ import typer
 
 from dlog.broker.config import BrokerConfig
 from dlog.errors import DlogError
-from dlogctl.common import BootstrapOption, DataDirOption, console, fail, resolve_bootstrap, run
+from dlogctl.common import (
+    BootstrapOption,
+    DataDirOption,
+    console,
+    fail,
+    open_client,
+    resolve_bootstrap,
+    run,
+)
 
 app = typer.Typer(help="Run or remove a single node.", no_args_is_help=True)
 
@@ -113,9 +121,8 @@ def node_remove(
     addresses = resolve_bootstrap(bootstrap, data_dir)
 
     async def remove() -> None:
-        from dlog.client import connect
 
-        async with connect(addresses) as client:
+        async with open_client(addresses) as client:
             await client.remove_node(node_id)
 
     run(remove)
