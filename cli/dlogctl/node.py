@@ -12,6 +12,8 @@ import typer
 
 from dlog.broker.config import BrokerConfig
 from dlog.errors import DlogError
+from dlog.net.client import ClientConfig, open_rpc_pool
+from dlog.net.messages import ApiVersionsRequest
 from dlogctl.common import (
     BootstrapOption,
     DataDirOption,
@@ -127,3 +129,18 @@ def node_remove(
 
     run(remove)
     console.print(f"node {node_id} removed")
+
+
+@app.command("ping")
+def node_ping(
+    address: str = typer.Option(..., "--address", "-a", help="The node's rpc HOST:PORT."),
+    timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for an answer."),
+) -> None:
+    """Check that a node answers on its rpc address (exit 0) or not (exit 1)."""
+
+    async def ping() -> None:
+        async with open_rpc_pool(ClientConfig(connect_timeout_s=timeout)) as pool:
+            await pool.call(address, ApiVersionsRequest(), timeout=timeout)
+
+    run(ping)
+    console.print(f"{address} is up")
