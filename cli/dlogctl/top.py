@@ -150,9 +150,7 @@ def render(
             leo = ""
             hw = "-"
             if leader_state is not None:
-                leo = " ".join(
-                    f"{r.node_id}:{r.log_end_offset}" for r in leader_state.replicas
-                )
+                leo = " ".join(f"{r.node_id}:{r.log_end_offset}" for r in leader_state.replicas)
                 hw = str(leader_state.high_watermark)
             partitions.add_row(
                 topic.name,
