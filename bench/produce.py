@@ -26,8 +26,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dlog  # noqa: E402
-from _harness import (  # noqa: E402
+from _harness import (
     VALUE_BYTES,
     checksum,
     expected_checksum,
@@ -36,6 +35,8 @@ from _harness import (  # noqa: E402
     percentile,
     values,
 )
+
+import dlog
 
 CHUNK = 20_000
 

@@ -314,6 +314,7 @@ class ReplicaManager:
         payload = memoryview(payload_bytes(request.payload))
         results: list[ProducePartitionResult] = []
         waits: list[tuple[int, Partition, int, int]] = []
+        appended: list[Partition] = []
         position = 0
         session_ok = self.hooks.session_ok()
         for part in request.partitions:
@@ -349,6 +350,10 @@ class ReplicaManager:
             )
             if acks == ACKS_ALL:
                 waits.append((len(results) - 1, p, info.last_offset, p.leader_epoch))
+            appended.append(p)
+        for p in appended:
+            # flush_messages (e.g. 1: fsync every append) is honoured before any ack.
+            await p.log.maybe_flush()
         if waits:
             with trio.move_on_after(request.timeout_ms / 1000):
                 for _, p, last, _epoch in waits:
@@ -751,6 +756,8 @@ class ReplicaManager:
         except UnexpectedAppendOffsetError as exc:
             log.warning("%s-%d: %s; re-truncating", p.topic, p.partition, exc)
             return False
+        if batches:
+            await plog.maybe_flush()
         return True
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer.main
 import yaml
-
 from dlogctl.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
