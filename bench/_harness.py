@@ -40,9 +40,12 @@ def checksum(chunks: Iterator[bytes] | list[bytes]) -> int:
 
 
 def expected_checksum(count: int) -> int:
-    return checksum(values(0, count)) if count < 2_000_000 else sum(
-        checksum(values(i, min(1_000_000, count - i))) for i in range(0, count, 1_000_000)
-    ) & 0xFFFF_FFFF_FFFF_FFFF
+    return (
+        checksum(values(0, count))
+        if count < 2_000_000
+        else sum(checksum(values(i, min(1_000_000, count - i))) for i in range(0, count, 1_000_000))
+        & 0xFFFF_FFFF_FFFF_FFFF
+    )
 
 
 def percentile(samples: list[float], p: float) -> float:

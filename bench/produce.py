@@ -70,15 +70,17 @@ async def verify(bootstrap: list[str], topic: str, count: int) -> None:
     """Read everything back: the count and checksum must match what was acknowledged."""
     seen = 0
     total = 0
-    async with dlog.connect(bootstrap) as client:
-        async with client.consumer(topic, from_beginning=True) as consumer:
-            while seen < count:
-                batch = await consumer.getmany(max_records=100_000, timeout_ms=10_000)
-                if not batch:
-                    raise AssertionError(f"only {seen} of {count} records came back")
-                for records in batch.values():
-                    seen += len(records)
-                    total += checksum(r[3] for r in records)
+    async with (
+        dlog.connect(bootstrap) as client,
+        client.consumer(topic, from_beginning=True) as consumer,
+    ):
+        while seen < count:
+            batch = await consumer.getmany(max_records=100_000, timeout_ms=10_000)
+            if not batch:
+                raise AssertionError(f"only {seen} of {count} records came back")
+            for records in batch.values():
+                seen += len(records)
+                total += checksum(r[3] for r in records)
     total &= 0xFFFF_FFFF_FFFF_FFFF
     if seen != count or total != expected_checksum(count):
         raise AssertionError(f"verification failed: {seen} records (expected {count})")
@@ -131,8 +133,11 @@ def main() -> None:
                 )
                 trio.run(verify, bootstrap, topic, count)
                 runs[key].append(count / elapsed)
-                print(f"  run {run + 1}: {key} {count / elapsed:,.0f} records/s "
-                      f"({count:,} records verified)", file=sys.stderr)
+                print(
+                    f"  run {run + 1}: {key} {count / elapsed:,.0f} records/s "
+                    f"({count:,} records verified)",
+                    file=sys.stderr,
+                )
     with local_cluster(3) as spec:
         samples = trio.run(
             latency, [n.rpc for n in spec.nodes], "bench-latency", args.latency_seconds, 1000
@@ -159,13 +164,18 @@ def main() -> None:
     table.add_column("records/s", justify="right")
     table.add_column("MB/s", justify="right")
     table.add_column("target", justify="right")
-    table.add_row("1 node, acks=leader", f"{r1:,.0f}", f"{result['mb_s_1node_acks_leader']}",
-                  ">= 1,000,000/s")
-    table.add_row("3 nodes, RF 3, acks=all", f"{r3:,.0f}", f"{result['mb_s_3node_acks_all']}",
-                  ">= 500,000/s")
-    table.add_row("latency at 1,000/s (acks=all)",
-                  f"p50 {result['latency_p50_ms']} ms", f"p99 {result['latency_p99_ms']} ms",
-                  "p99 <= 2 ms")
+    table.add_row(
+        "1 node, acks=leader", f"{r1:,.0f}", f"{result['mb_s_1node_acks_leader']}", ">= 1,000,000/s"
+    )
+    table.add_row(
+        "3 nodes, RF 3, acks=all", f"{r3:,.0f}", f"{result['mb_s_3node_acks_all']}", ">= 500,000/s"
+    )
+    table.add_row(
+        "latency at 1,000/s (acks=all)",
+        f"p50 {result['latency_p50_ms']} ms",
+        f"p99 {result['latency_p99_ms']} ms",
+        "p99 <= 2 ms",
+    )
     Console().print(table)
     print(json.dumps(result))
 
