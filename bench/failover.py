@@ -29,6 +29,7 @@ from _harness import local_cluster, median
 from dlogctl.local import ClusterSpec, kill_node, start_node, wait_ready
 
 import dlog
+from dlog.errors import DlogError
 
 TOPIC = "failover"
 PARTITIONS = 3
@@ -48,7 +49,7 @@ class Workload:
             seq += 1
             try:
                 await producer.send(TOPIC, value, partition=partition)
-            except dlog.DlogError:
+            except DlogError:
                 self.failures += 1
                 continue
             self.acked[partition].append(value)

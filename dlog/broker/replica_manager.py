@@ -77,6 +77,7 @@ from dlog.net.protocol import (
     ReplicaStatusRequest,
     ReplicaStatusResponse,
 )
+from dlog.net.server import Deferred
 from dlog.storage import LogConfig, LogManager, UnexpectedAppendOffsetError
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,9 @@ class ReplicaManager:
 
     # --- produce -------------------------------------------------------------------------
 
-    async def produce(self, request: ProduceRequest) -> ProduceResponse:
+    async def produce(self, request: ProduceRequest) -> ProduceResponse | Deferred:
+        """Append every partition's batches at once, in request order (an inline route);
+        acks=all (and fsync-per-append) waits are finished by a :class:`Deferred`."""
         acks = request.acks
         if acks not in (ACKS_NONE, ACKS_LEADER, ACKS_ALL):
             raise InvalidRequiredAcksError(f"acks={acks}")
@@ -351,8 +354,22 @@ class ReplicaManager:
             if acks == ACKS_ALL:
                 waits.append((len(results) - 1, p, info.last_offset, p.leader_epoch))
             appended.append(p)
-        for p in appended:
-            # flush_messages (e.g. 1: fsync every append) is honoured before any ack.
+        # Everything above ran without an await: appends happen in request order.
+        now = trio.current_time()
+        flushes = [p for p in appended if p.log.flush_due(now)]
+        if not waits and not flushes:
+            return ProduceResponse(partitions=results)
+        return Deferred(lambda: self._complete_produce(request, results, waits, flushes))
+
+    async def _complete_produce(
+        self,
+        request: ProduceRequest,
+        results: list[ProducePartitionResult],
+        waits: list[tuple[int, Partition, int, int]],
+        flushes: list[Partition],
+    ) -> ProduceResponse:
+        """The part of a produce that waits: fsync (flush_messages) and replication."""
+        for p in flushes:
             await p.log.maybe_flush()
         if waits:
             with trio.move_on_after(request.timeout_ms / 1000):

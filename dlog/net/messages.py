@@ -116,7 +116,9 @@ def _converters(tp: Any) -> tuple[_Encoder | None, _Decoder | None]:
 
 def _optional(fn: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
     def convert(value: Any) -> Any:
-        return None if value is None or fn is None else fn(value)
+        if value is None:
+            return None
+        return value if fn is None else fn(value)
 
     return convert
 

@@ -8,8 +8,10 @@ closes every connection; :meth:`RpcServer.drain` first lets in-flight requests f
 
 Routing: a handler is ``async def handler(request) -> response``. A :class:`Route`
 marked ``inline=True`` is awaited in the connection's read loop (no task spawn: use it
-for handlers that never block for long, e.g. metadata or a local append); others run
-in their own task, so a long-polling fetch does not hold up the requests behind it and
+for handlers that never block for long, e.g. metadata or a local append), so inline
+requests of one connection are handled in the order they arrived; an inline handler
+may return a :class:`Deferred` to finish the rest in a task. Other handlers run in
+their own task, so a long-polling fetch does not hold up the requests behind it and
 responses may go out in a different order than requests came in.
 
 Bad input never crashes the server or touches another connection: a malformed frame,
@@ -63,7 +65,24 @@ from dlog.net.writer import FrameWriter
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any], Awaitable[Message]]
+Handler = Callable[[Any], Awaitable["Message | Deferred"]]
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """What an inline handler returns when it has done the part that must happen in
+    request order (e.g. appending a produce request's batches) and must wait for the
+    rest (e.g. replication): the server awaits ``finish()`` in a task of its own and
+    sends what it returns, while the connection's next requests are read."""
+
+    finish: Callable[[], Awaitable[Message]]
+
+
+def _finisher(deferred: Deferred) -> Handler:
+    async def finish(_request: Any) -> Message:
+        return await deferred.finish()
+
+    return finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,10 +340,20 @@ class _ServerConnection:
         if route.inline:
             server._request_started()
             try:
-                await self._respond(cid, route.handler, request)
+                deferred = await self._respond(cid, route.handler, request)
             finally:
                 server._request_finished()
+            if deferred is None:
+                return
+            # The ordered part is done; the waiting part runs in its own task.
+            await self._spawn(nursery, cid, _finisher(deferred), request)
             return
+        await self._spawn(nursery, cid, route.handler, request)
+
+    async def _spawn(
+        self, nursery: trio.Nursery, cid: int, handler: Handler, request: Message
+    ) -> None:
+        server = self.server
         if self.in_flight >= server.config.max_in_flight:
             self.writer.uncork()  # answers already made must not wait behind us
             while self.in_flight >= server.config.max_in_flight:
@@ -333,7 +362,7 @@ class _ServerConnection:
             self.writer.cork()
         self.in_flight += 1
         server._request_started()
-        nursery.start_soon(self._handle, cid, route.handler, request)
+        nursery.start_soon(self._handle, cid, handler, request)
 
     async def _handle(self, cid: int, handler: Handler, request: Message) -> None:
         try:
@@ -343,17 +372,20 @@ class _ServerConnection:
             self.server._request_finished()
             self.slot_free.set()
 
-    async def _respond(self, cid: int, handler: Handler, request: Message) -> None:
+    async def _respond(self, cid: int, handler: Handler, request: Message) -> Deferred | None:
+        """Run ``handler`` and send its answer; a :class:`Deferred` is handed back."""
         try:
             response = await handler(request)
         except DlogError as exc:
             await self._send_error(cid, exc)
-            return
+            return None
         except Exception as exc:
             self.server.stats.handler_crashes += 1
             log.exception("%s: handler for %s failed", self.server.name, type(request).__name__)
             await self._send_error(cid, UnknownServerError(f"{type(exc).__name__}: {exc}"))
-            return
+            return None
+        if isinstance(response, Deferred):
+            return response
         payload = response.payload
         size = payload_length(payload)
         head = encode_header({"i": cid, "b": to_body(response)}, size)
@@ -369,6 +401,7 @@ class _ServerConnection:
                 await self.writer.enqueue(head, *payload, write_now=alone)
         except trio.BrokenResourceError:
             self.close()
+        return None
 
     async def _send_error(self, cid: int, exc: DlogError) -> None:
         self.server.stats.error_responses += 1

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-import trio.testing
 
 from dlog.broker.config import BrokerConfig
 from dlog.broker.controller import Controller, FollowerProgress, GossipView, QuorumMember
@@ -40,6 +39,7 @@ class Node:
     address: str = ""
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     up: bool = True
+    stopped: trio.Event = field(default_factory=trio.Event)
 
 
 class InstantQuorum:
@@ -170,7 +170,7 @@ class DataPlaneCluster:
 
         server = RpcServer(
             {
-                "produce": rm.produce,
+                "produce": Route(rm.produce, inline=True),
                 "fetch": rm.fetch,
                 "list_offsets": Route(rm.list_offsets, inline=True),
                 "offsets_for_leader_epoch": Route(rm.offsets_for_leader_epoch, inline=True),
@@ -189,13 +189,18 @@ class DataPlaneCluster:
         node.scope = trio.CancelScope()
         node.up = True
 
+        node.stopped = trio.Event()
+
         async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-            with node.scope:
-                async with trio.open_nursery() as inner:
-                    await inner.start(node.logs.run)
-                    await inner.start(node.rm.run)
-                    bound = await inner.start(node.server.run, "127.0.0.1", port)
-                    task_status.started(bound)
+            try:
+                with node.scope:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(node.logs.run)
+                        await inner.start(node.rm.run)
+                        bound = await inner.start(node.server.run, "127.0.0.1", port)
+                        task_status.started(bound)
+            finally:
+                node.stopped.set()
 
         bound = await self.nursery.start(run)
         node.address = f"127.0.0.1:{bound}"
@@ -207,7 +212,8 @@ class DataPlaneCluster:
         node.up = False
         node.scope.cancel()
         self.pool.disconnect(node.address)
-        await trio.testing.wait_all_tasks_blocked(0.01)
+        with trio.fail_after(10):
+            await node.stopped.wait()
 
     async def restart(self, node_id: int) -> None:
         old = self.nodes[node_id]
@@ -236,7 +242,7 @@ class DataPlaneCluster:
 
         node.server = RpcServer(
             {
-                "produce": rm.produce,
+                "produce": Route(rm.produce, inline=True),
                 "fetch": rm.fetch,
                 "list_offsets": Route(rm.list_offsets, inline=True),
                 "offsets_for_leader_epoch": Route(rm.offsets_for_leader_epoch, inline=True),

@@ -175,8 +175,8 @@ async def test_metadata_tries_the_next_broker_when_one_is_down(
         cluster.stop_broker(1)
         cluster.stop_broker(2)
         await client.create_topic("u")  # answered by node 3
-        view = await client.refresh_metadata()
-        assert "u" in view.topics
+        await client.wait_for_topic("u")  # metadata from node 3 (asks for "u" by name)
+        assert "u" in client.cluster.topics
         assert {n for n, _ in cluster.requests_of("create_topics")} == {3}
 
 
