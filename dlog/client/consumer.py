@@ -486,8 +486,11 @@ class Consumer:
                 while True:
                     self._wake = trio.Event()
                     next_at = self._dispatch(trio.current_time())
-                    with trio.move_on_at(next_at):
+                    if next_at == math.inf:
                         await self._wake.wait()
+                    else:
+                        with trio.move_on_at(next_at):
+                            await self._wake.wait()
         finally:
             self._metadata.remove_listener(self._on_metadata)
 

@@ -408,6 +408,9 @@ class Producer:
         batch by batch. They are appended batch-wise (``BatchBuilder.append_values``)
         with no per-record Python object.
 
+        Its last, partly filled batches are sent at once rather than after ``linger_ms``
+        (the call waits for them anyway).
+
         Returns, in order, one :class:`BatchMetadata` per run of records that landed in
         one batch: together they cover every value, in order. Raises the first failure
         (records in other batches may still have been delivered). If cancelled, a
@@ -429,6 +432,11 @@ class Producer:
             iterator = iter(values)
             while chunk := list(itertools.islice(iterator, 8192)):
                 await self._append_values(ts, chunk, fixed, key, parts)
+        # This call waits for its last batches anyway: send them now, not after linger.
+        for batch, _, _ in parts[-ts.num_partitions :]:
+            q = ts.queues[batch.partition]
+            if q.open is batch:
+                self._close_open(q)
         if parts:
             self._wake.set()
         out: list[BatchMetadata] = []
@@ -769,8 +777,11 @@ class Producer:
                 and self._requests_in_flight == 0
             ):
                 return
-            with trio.move_on_at(next_at):
+            if next_at == math.inf:
                 await self._wake.wait()
+            else:
+                with trio.move_on_at(next_at):
+                    await self._wake.wait()
 
     def _dispatch(self, now: float) -> float:
         """Close due batches, expire old ones, start requests; returns when to look again."""
