@@ -311,6 +311,7 @@ class Producer:
         self._wake = trio.Event()
         self._flushing = 0
         self._batches_closed = 0
+        self._drain_start = 0
         self._closed = False
         self._stopping = False
         self._stopped = trio.Event()
@@ -832,8 +833,13 @@ class Producer:
         if want_metadata:
             self._metadata.request_refresh()
         limit = self.config.max_in_flight_requests_per_broker
+        self._drain_start += 1
         for node, queues in by_node.items():
-            queues.reverse()  # pop() from the end takes them in their original order
+            # Start each round at another partition, so that when a request's byte
+            # budget or the in-flight limit cuts the list, no partition always waits.
+            start = self._drain_start % len(queues)
+            queues[:] = queues[start:] + queues[:start]
+            queues.reverse()  # pop() from the end takes them in that order
             while queues and self._in_flight_by_node.get(node, 0) < limit:
                 parts = self._take_request(queues)
                 self._in_flight_by_node[node] = self._in_flight_by_node.get(node, 0) + 1
