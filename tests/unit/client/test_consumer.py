@@ -394,3 +394,16 @@ async def test_a_corrupt_batch_raises_once_and_stops_the_partition(
             assert consumer.position(0) == 0
             consumer.seek(0, 0)  # the next fetch is not mangled
             assert len(await read(consumer, 10)) == 10
+
+
+async def test_gzip_batches_round_trip(autojump_clock: trio.abc.Clock) -> None:
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        async with client.producer(compression="gzip") as producer:
+            await producer.send_many("t", values(500))
+            await producer.send("t", b"keyed", key=b"k")
+        async with client.consumer("t", from_beginning=True) as consumer:
+            got = await read(consumer, 501)
+        assert [v for _, _, v in got] == [*values(500), b"keyed"]
+        stored = sum(len(b) for _, _, b in cluster.partition("t", 0).batches)
+        assert stored < 500 * 5  # compressed: far less than the 5+ bytes per value
