@@ -9,7 +9,13 @@ Leaving ``connect`` cancels the refresh task and closes every connection.
 Admin calls go to any broker (brokers forward controller operations) and retry
 retriable errors until ``default_api_timeout_ms``; failures raise the
 :mod:`dlog.errors` exception of the broker's error code with one clear message
-(``TopicAlreadyExistsError: topic 'orders' already exists``).
+(``TopicAlreadyExistsError: topic 'orders' already exists``). A call cancelled (or
+timed out by the caller) after its request left may still take effect; a create or
+delete retried after a lost answer can then report TOPIC_ALREADY_EXISTS or
+UNKNOWN_TOPIC_OR_PARTITION for what it did itself.
+
+An exception raised inside any of the ``async with`` blocks comes back to the caller
+as itself, not wrapped in an ExceptionGroup by the nurseries involved.
 """
 
 from __future__ import annotations

@@ -272,8 +272,10 @@ class MetadataCache:
         """
         while self._completed < ticket:
             await self._updated.wait()
-        if self._last_error is not None:
-            raise self._last_error
+        error = self._last_error
+        if error is not None:
+            # A copy per waiter: many tasks may be waiting for the same attempt.
+            raise type(error)(error.message, **error.details)
         return self._view
 
     async def refresh(self) -> ClusterView:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,6 +164,8 @@ class FakeCluster:
         self.faults: list[Fault] = []
         self.requests: list[tuple[int, str, Message]] = []
         self.produce_gate: trio.Event | None = None
+        #: Applied once to the next partition data a fetch returns (then cleared).
+        self.mangle_fetch: Callable[[bytes], bytes] | None = None
         #: Produce requests that overlapped another for the same partition.
         self.overlapping_produces = 0
         self.changed = trio.Event()
@@ -617,6 +619,7 @@ class FakeBroker:
                 )
                 continue
             size = 0
+            first_chunk = len(chunks)
             for base, nxt, data in part.batches:
                 if nxt <= fp.fetch_offset:
                     continue
@@ -631,6 +634,13 @@ class FakeBroker:
                 chunks.append(data)
                 size += len(data)
                 total += len(data)
+            if size and c.mangle_fetch is not None:
+                mangled = c.mangle_fetch(b"".join(chunks[first_chunk:]))
+                c.mangle_fetch = None
+                del chunks[first_chunk:]
+                chunks.append(mangled)
+                total += len(mangled) - size
+                size = len(mangled)
             results.append(
                 FetchPartitionResult(
                     topic=fp.topic,

@@ -488,3 +488,14 @@ async def test_headers_and_timestamps_round_trip(autojump_clock: trio.abc.Clock)
         (record,) = cluster.partition("t", 0).records()
         assert record.headers == (("h", b"1"), ("n", None))
         assert record.timestamp == 1234
+
+
+async def test_send_many_does_not_linger_on_its_last_batch(autojump_clock: trio.abc.Clock) -> None:
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t", 2)
+        await client.wait_for_topic("t")
+        async with client.producer(linger_ms=1000) as producer:
+            start = trio.current_time()
+            await producer.send_many("t", [b"a", b"b"])
+            await producer.send_many("t", [b"c"], partition=1)
+            assert trio.current_time() == start

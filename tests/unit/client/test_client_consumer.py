@@ -8,6 +8,7 @@ import trio.testing
 
 from dlog.client.consumer import Consumer
 from dlog.errors import (
+    CorruptRecordError,
     ErrorCode,
     InvalidConfigError,
     OffsetOutOfRangeError,
@@ -361,3 +362,48 @@ async def test_getmany_cancelled_loses_nothing(autojump_clock: trio.abc.Clock) -
                 await consumer.getmany()
             assert consumer.position(0) == 0
             assert [o for _, o, _ in await read(consumer, 3)] == [0, 1, 2]
+
+
+async def test_a_cut_off_last_batch_is_fetched_again(autojump_clock: trio.abc.Clock) -> None:
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        for i in range(3):
+            cluster.append_values("t", 0, values(10, b"b%d-" % i))
+        cluster.mangle_fetch = lambda data: data[:-7]
+        async with client.consumer("t", from_beginning=True) as consumer:
+            got = await read(consumer, 30)
+        assert [o for _, o, _ in got] == list(range(30))
+        assert [r.partitions[0].fetch_offset for _, r in fetches(cluster)][:2] == [0, 20]
+
+
+async def test_a_corrupt_batch_raises_once_and_stops_the_partition(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        cluster.append_values("t", 0, values(10))
+
+        def flip_last_byte(data: bytes) -> bytes:
+            return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+        cluster.mangle_fetch = flip_last_byte
+        async with client.consumer("t", from_beginning=True) as consumer:
+            with pytest.raises(CorruptRecordError, match="CRC mismatch"):
+                await consumer.getmany(timeout_ms=1000)
+            assert await consumer.getmany(timeout_ms=500) == {}
+            assert consumer.position(0) == 0
+            consumer.seek(0, 0)  # the next fetch is not mangled
+            assert len(await read(consumer, 10)) == 10
+
+
+async def test_gzip_batches_round_trip(autojump_clock: trio.abc.Clock) -> None:
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        async with client.producer(compression="gzip") as producer:
+            await producer.send_many("t", values(500))
+            await producer.send("t", b"keyed", key=b"k")
+        async with client.consumer("t", from_beginning=True) as consumer:
+            got = await read(consumer, 501)
+        assert [v for _, _, v in got] == [*values(500), b"keyed"]
+        stored = sum(len(b) for _, _, b in cluster.partition("t", 0).batches)
+        assert stored < 500 * 5  # compressed: far less than the 5+ bytes per value
