@@ -86,7 +86,8 @@ _PLANS: dict[type, tuple[_FieldPlan, ...]] = {}
 def _converters(tp: Any) -> tuple[_Encoder | None, _Decoder | None]:
     """How to turn a field of type ``tp`` into CBOR values and back."""
     origin = typing.get_origin(tp)
-    if isinstance(tp, type) and issubclass(tp, Struct):
+    if isinstance(tp, type) and issubclass(tp, Struct | Message):
+        # A message nested in another travels as its body (its payload is not carried).
         return _encode_struct, _struct_decoder(tp)
     if origin in (list, tuple, Sequence):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]

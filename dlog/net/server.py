@@ -386,9 +386,17 @@ class _ServerConnection:
             return None
         if isinstance(response, Deferred):
             return response
-        payload = response.payload
-        size = payload_length(payload)
-        head = encode_header({"i": cid, "b": to_body(response)}, size)
+        try:
+            payload = response.payload
+            size = payload_length(payload)
+            head = encode_header({"i": cid, "b": to_body(response)}, size)
+        except Exception as exc:
+            # A response that cannot be encoded is a bug in the handler; it is this
+            # request's failure, never the connection's or the node's.
+            self.server.stats.handler_crashes += 1
+            log.exception("%s: cannot encode %s", self.server.name, type(response).__name__)
+            await self._send_error(cid, UnknownServerError(f"{type(exc).__name__}: {exc}"))
+            return None
         # Inline answers are corked by the read loop; a handler task alone on its
         # connection writes at once; with others in flight, the writer task batches.
         alone = self.in_flight <= 1

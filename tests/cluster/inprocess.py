@@ -142,7 +142,9 @@ async def inprocess_cluster(
             nursery.cancel_scope.cancel()
 
 
-async def wait_for(predicate: Callable[[], object], timeout: float = 30, step: float = 0.02) -> None:
+async def wait_for(
+    predicate: Callable[[], object], timeout: float = 30, step: float = 0.02
+) -> None:
     """Poll ``predicate`` (state without an event to wait on) until true or fail."""
     with trio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110 (broker state has no single event)

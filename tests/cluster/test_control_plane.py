@@ -66,7 +66,9 @@ async def test_produce_and_consume_through_the_cluster(tmp_path: Path) -> None:
                 for records in batch.values():
                     values.extend(r[3] for r in records)
             await consumer.commit()
-        assert sorted(values) == sorted([b"v%d" % i for i in range(30)] + [b"bulk%d" % i for i in range(100)])
+        assert sorted(values) == sorted(
+            [b"v%d" % i for i in range(30)] + [b"bulk%d" % i for i in range(100)]
+        )
         # The group resumes where it committed: nothing new to read.
         async with client.consumer("orders", group="g") as consumer:
             assert await consumer.getmany(timeout_ms=500) == {}
@@ -80,7 +82,9 @@ async def test_killed_broker_loses_leaderships_to_isr_then_rejoins(tmp_path: Pat
         ctrl = cluster.controller()
         assert ctrl is not None
         victim = next(n for n in (1, 2, 3) if n != ctrl.node_id)
-        await wait_for(lambda: any(leader == victim for leader, _ in leaders(cluster, "t").values()))
+        await wait_for(
+            lambda: any(leader == victim for leader, _ in leaders(cluster, "t").values())
+        )
         before = leaders(cluster, "t")
         led = [p for p, (leader, _) in before.items() if leader == victim]
         assert led
@@ -140,9 +144,7 @@ async def test_wiped_node_rejoins_with_a_new_identity(tmp_path: Path) -> None:
         assert ctrl is not None
         await wait_for(lambda: sum(m.voter for m in ctrl.broker.quorum_members()) == 3)
         victim = next(n for n in (1, 2, 3) if n != ctrl.node_id)
-        old_dir = next(
-            m.directory_id for m in ctrl.broker.quorum_members() if m.node_id == victim
-        )
+        old_dir = next(m.directory_id for m in ctrl.broker.quorum_members() if m.node_id == victim)
         await cluster.kill(victim)
         shutil.rmtree(cluster.members[victim].config.data_dir)
         await cluster.start(victim)

@@ -22,7 +22,9 @@ def values(n: int, prefix: bytes = b"v") -> list[bytes]:
     return [prefix + b"%04d" % i for i in range(n)]
 
 
-async def read(consumer: Consumer, count: int, timeout_ms: float = 5000) -> list[tuple[int, int, bytes | None]]:
+async def read(
+    consumer: Consumer, count: int, timeout_ms: float = 5000
+) -> list[tuple[int, int, bytes | None]]:
     """(partition, offset, value) of the next ``count`` records, in arrival order."""
     out: list[tuple[int, int, bytes | None]] = []
     while len(out) < count:
@@ -302,7 +304,10 @@ async def test_fetch_buffer_is_bounded(autojump_clock: trio.abc.Clock) -> None:
 
 
 async def test_unknown_topic_or_partition(autojump_clock: trio.abc.Clock) -> None:
-    async with open_fake_cluster() as cluster, cluster.connect(default_api_timeout_ms=2000) as client:
+    async with (
+        open_fake_cluster() as cluster,
+        cluster.connect(default_api_timeout_ms=2000) as client,
+    ):
         cluster.create_topic("t", 2)
         with pytest.raises(UnknownTopicOrPartitionError, match="'nope' does not exist"):
             async with client.consumer("nope"):
