@@ -368,6 +368,12 @@ class RaftCore:
         else:
             raise NotLeaderError(leader=None)
 
+    def campaign(self) -> None:
+        """Start an election now, as if the election timer had fired (pre-vote first if
+        enabled). Does nothing on a leader or a node that may not campaign."""
+        if self.role is not Role.LEADER:
+            self._campaign(_Campaign.PRE_ELECTION if self.cfg.pre_vote else _Campaign.ELECTION)
+
     # --- time ----------------------------------------------------------------------------
 
     def tick(self) -> None:
@@ -467,11 +473,9 @@ class RaftCore:
                 )
                 self._become_follower(m.term, leader)
         elif m.term < self.term:
-            if (self.cfg.check_quorum or self.cfg.pre_vote) and isinstance(
-                m, AppendEntries | Heartbeat
-            ):
+            if isinstance(m, AppendEntries | Heartbeat):
                 # A leader from an older term (perhaps cut off and unable to win again):
-                # tell it our term so it steps down.
+                # tell it our term so it steps down (Figure 2: reply false, with term).
                 self._send(AppendResponse(**self._hdr(m.from_id), index=0))
             elif isinstance(m, RequestVote) and m.pre_vote:
                 self._send(VoteResponse(**self._hdr(m.from_id), pre_vote=True, reject=True))
@@ -731,6 +735,9 @@ class RaftCore:
             pr.free_inflights_to(m.index)
         if self._maybe_commit():
             self._bcast_append()
+        elif pr.can_bump_commit(self.log.committed):
+            # This follower may not know the commit index yet.
+            self._send_append(m.from_id)
         if self.role is not Role.LEADER:
             return  # stepped down on its own removal
         while self._maybe_send_append(m.from_id, send_if_empty=False):
@@ -748,6 +755,7 @@ class RaftCore:
             self._send_append(m.from_id)
         if m.context and m.from_id in self._voters:
             self._ack_read(m.context, m.from_id)
+        self._maybe_forget_departed(m.from_id, pr)
 
     def _handle_snapshot_response(self, m: SnapshotResponse) -> None:
         pr = self._peer_progress(m)
@@ -781,8 +789,7 @@ class RaftCore:
         if pr is None:
             self.stats["response_from_non_member"] += 1
             return None
-        member = self.config.member(m.from_id)
-        if member is None or member.directory_id != m.from_dir:
+        if pr.directory_id != m.from_dir:
             # Same node id, different disk: not the member we replicate to.
             self.stats["directory_id_mismatch"] += 1
             return None
@@ -831,7 +838,11 @@ class RaftCore:
                 self._send_append(node_id)
 
     def _send_append(self, to: NodeId) -> None:
-        self._maybe_send_append(to, send_if_empty=True)
+        """Send what the follower lacks (an empty append if nothing, to carry the commit
+        index), then more messages while the flow-control window allows."""
+        if self._maybe_send_append(to, send_if_empty=True):
+            while self._maybe_send_append(to, send_if_empty=False):
+                pass
 
     def _maybe_send_append(self, to: NodeId, *, send_if_empty: bool) -> bool:
         pr = self._progress[to]
@@ -858,6 +869,7 @@ class RaftCore:
             )
         )
         pr.sent_entries(len(entries))
+        pr.sent_commit = max(pr.sent_commit, min(log.committed, prev_index + len(entries)))
         return True
 
     def _start_snapshot(self, to: NodeId, pr: Progress) -> bool:
@@ -902,11 +914,9 @@ class RaftCore:
         committed = self.log.committed
         for node_id, pr in self._progress.items():
             if node_id != self.node_id:
-                self._send(
-                    Heartbeat(
-                        **self._hdr(node_id), commit=min(pr.match, committed), context=context
-                    )
-                )
+                commit = min(pr.match, committed)
+                pr.sent_commit = max(pr.sent_commit, commit)
+                self._send(Heartbeat(**self._hdr(node_id), commit=commit, context=context))
 
     def _send_timeout_now(self, to: NodeId) -> None:
         self._send(TimeoutNow(**self._hdr(to)))
@@ -997,19 +1007,43 @@ class RaftCore:
         self._bcast_append()
 
     def _rebuild_progress(self) -> None:
-        """Progress for every member but us; new members start probing at our end."""
+        """Progress for every member but us; new members start probing at our end.
+
+        Members the newest configuration removes stay (as non-voting) while that
+        configuration is uncommitted, so they receive the entry that removes them and
+        learn it is committed; otherwise a removed voter never hears of its removal
+        and keeps campaigning.
+        """
         old = self._progress
         self._progress = {}
         next_index = self.log.last_index() + 1
-        for m in (*self.config.voters, *self.config.learners):
+        members = [*self.config.voters, *self.config.learners]
+        if len(self._configs) > 1 and self.config_index > self.log.committed:
+            current = {m.node_id for m in members}
+            prev = self._configs[-2][1]
+            members += [m for m in (*prev.voters, *prev.learners) if m.node_id not in current]
+        for m in members:
             if m.node_id == self.node_id:
                 continue
             pr = old.get(m.node_id)
-            if pr is None:
-                pr = Progress(next_index=next_index, max_inflight=self.cfg.max_inflight_msgs)
+            if pr is None or pr.directory_id != m.directory_id:
+                pr = Progress(
+                    directory_id=m.directory_id,
+                    next_index=next_index,
+                    max_inflight=self.cfg.max_inflight_msgs,
+                )
                 # Give a new member a chance before check-quorum counts it as silent.
                 pr.recent_active = True
             self._progress[m.node_id] = pr
+
+    def _maybe_forget_departed(self, node_id: NodeId, pr: Progress) -> None:
+        """Stop replicating to a removed member once it knows its removal committed."""
+        if (
+            self.config.member(node_id) is None
+            and pr.match >= self.config_index
+            and pr.sent_commit >= self.config_index
+        ):
+            del self._progress[node_id]
 
     def _campaign(self, kind: _Campaign) -> None:
         if not self._can_campaign():

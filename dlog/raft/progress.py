@@ -27,12 +27,14 @@ class ProgressState(enum.Enum):
 
 class Progress:
     __slots__ = (
+        "directory_id",
         "inflights",
         "match",
         "max_inflight",
         "next",
         "paused",
         "recent_active",
+        "sent_commit",
         "snap_acked",
         "snap_done_sent",
         "snap_sent",
@@ -40,7 +42,9 @@ class Progress:
         "state",
     )
 
-    def __init__(self, *, next_index: int, max_inflight: int) -> None:
+    def __init__(self, *, directory_id: str, next_index: int, max_inflight: int) -> None:
+        #: The incarnation (disk) of the member this tracks; answers from another are ignored.
+        self.directory_id = directory_id
         self.match = 0
         self.next = next_index
         self.state = ProgressState.PROBE
@@ -48,6 +52,8 @@ class Progress:
         self.paused = False
         #: Heard from since the last check-quorum round.
         self.recent_active = False
+        #: Highest commit index sent to the follower (so it can be told of a newer one).
+        self.sent_commit = 0
         self.max_inflight = max_inflight
         #: Last index of each unacknowledged AppendEntries, oldest first.
         self.inflights: deque[int] = deque()
@@ -129,6 +135,10 @@ class Progress:
             self.paused = len(self.inflights) >= self.max_inflight
         elif self.state is ProgressState.PROBE:
             self.paused = True
+
+    def can_bump_commit(self, committed: int) -> bool:
+        """Would sending ``committed`` tell the follower something new?"""
+        return self.state is not ProgressState.SNAPSHOT and self.sent_commit < committed
 
     def free_inflights_to(self, index: int) -> None:
         inflights = self.inflights

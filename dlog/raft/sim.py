@@ -115,7 +115,8 @@ class SimNode:
         self.incarnation = 0
         self.ready: Ready | None = None
         self.pipeline_scheduled = False
-        self.last_role = Role.FOLLOWER
+        #: The last term this node was seen leading with its term persisted.
+        self.led_term = -1
         #: A snapshot taken but not yet followed by compaction (crash window).
         self.pending_compact: int | None = None
 
@@ -279,7 +280,6 @@ class Simulation:
         if snap.meta.index:
             node.sm.restore(snap.data)
             self._check_snapshot_digest(node, snap.meta.index)
-        node.last_role = node.core.role
         node.ready = None
         node.pipeline_scheduled = False
         # Ticks are per node with a random phase, so nodes do not tick in lockstep.
@@ -391,10 +391,15 @@ class Simulation:
         core = node.core
         if core is None:
             return
-        role = core.role
-        if role is Role.LEADER and node.last_role is not Role.LEADER:
+        # A leader counts once its term is durable: before that it has sent nothing and
+        # applied nothing, and a crash erases it (a lone voter can win in memory).
+        if (
+            core.role is Role.LEADER
+            and node.led_term != core.term
+            and node.storage.initial_state().term == core.term
+        ):
+            node.led_term = core.term
             self._on_new_leader(node, core)
-        node.last_role = role
         self._kick(node)
 
     # --- the simulated driver --------------------------------------------------------------
