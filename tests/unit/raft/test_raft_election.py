@@ -69,7 +69,8 @@ def test_a_message_from_an_older_term_is_rejected() -> None:
     drain(core, st)
     core.step(AppendEntries(**hdr(3, 1, 5), prev_index=1, prev_term=1, entries=(), commit=1))
     msgs = drain(core, st)
-    assert core.term == 7 and core.leader == 2
+    assert core.term == 7
+    assert core.leader == 2
     assert [(type(m), m.to, m.term) for m in msgs] == [(AppendResponse, 3, 7)]
     assert core.stats["stale_term"] == 1
 
@@ -175,7 +176,9 @@ def test_a_granted_vote_is_persisted_in_the_same_ready_as_the_response() -> None
     core.step(RequestVote(**hdr(2, 1, 2), pre_vote=False, last_index=1, last_term=1))
     rd = core.ready()
     assert rd is not None
-    assert rd.hard_state is not None and rd.hard_state.vote == 2 and rd.hard_state.term == 2
+    assert rd.hard_state is not None
+    assert rd.hard_state.vote == 2
+    assert rd.hard_state.term == 2
     assert rd.must_sync
     assert any(isinstance(m, VoteResponse) and not m.reject for m in rd.messages)
 
@@ -198,7 +201,8 @@ def test_a_heartbeat_resets_the_follower_election_timer() -> None:
     for _ in range(100):
         net.tick_all()
     assert net.core(1).role is Role.LEADER
-    assert net.core(2).role is Role.FOLLOWER and net.core(3).role is Role.FOLLOWER
+    assert net.core(2).role is Role.FOLLOWER
+    assert net.core(3).role is Role.FOLLOWER
 
 
 def test_a_candidate_that_hears_from_a_leader_of_its_term_becomes_follower() -> None:
@@ -207,7 +211,9 @@ def test_a_candidate_that_hears_from_a_leader_of_its_term_becomes_follower() -> 
     core.campaign()
     term = core.term
     core.step(AppendEntries(**hdr(2, 1, term), prev_index=1, prev_term=1, entries=(), commit=1))
-    assert core.role is Role.FOLLOWER and core.leader == 2 and core.term == term
+    assert core.role is Role.FOLLOWER
+    assert core.leader == 2
+    assert core.term == term
 
 
 # --- pre-vote (thesis §9.6) -------------------------------------------------------------
@@ -238,7 +244,8 @@ def test_a_partitioned_node_rejoining_does_not_disrupt_the_leader() -> None:
         net.tick_all()
     assert leader.role is Role.LEADER
     assert leader.term == term
-    assert net.core(3).leader == 1 and net.core(3).term == term
+    assert net.core(3).leader == 1
+    assert net.core(3).term == term
 
 
 def test_without_pre_vote_a_rejoining_node_does_disrupt() -> None:
@@ -307,9 +314,11 @@ def test_a_follower_ignores_votes_while_it_hears_from_a_leader() -> None:
     drain(core, st)
     core.step(RequestVote(**hdr(3, 1, 3), pre_vote=False, last_index=5, last_term=2))
     assert drain(core, st) == []
-    assert core.term == 2 and core.vote is None
+    assert core.term == 2
+    assert core.vote is None
     assert core.stats["vote_ignored_in_lease"] == 1
     for _ in range(10):
         core.tick()
     core.step(RequestVote(**hdr(3, 1, 3), pre_vote=False, last_index=5, last_term=2))
-    assert core.term == 3 and core.vote == 3
+    assert core.term == 3
+    assert core.vote == 3

@@ -58,9 +58,11 @@ def change(net: Network, leader: int, cc: ConfChange) -> int:
 def test_configuration_changes_apply_one_server_at_a_time() -> None:
     c = config_of([1, 2, 3])
     c = c.apply(add(ConfChangeType.ADD_LEARNER, 4))
-    assert c.voter_ids == (1, 2, 3) and c.learner_ids == (4,)
+    assert c.voter_ids == (1, 2, 3)
+    assert c.learner_ids == (4,)
     c = c.apply(promote(4))
-    assert c.voter_ids == (1, 2, 3, 4) and c.learner_ids == ()
+    assert c.voter_ids == (1, 2, 3, 4)
+    assert c.learner_ids == ()
     c = c.apply(remove(2))
     assert c.voter_ids == (1, 3, 4)
     c = c.apply(add(ConfChangeType.ADD_VOTER, 9))
@@ -166,7 +168,8 @@ def test_a_learner_gets_the_log_but_never_votes_campaigns_or_counts() -> None:
     net.propose(1, b"x")
     learner = net.core(4)
     assert net.applied_data(4) == [b"x"]
-    assert learner.is_learner and not learner.is_voter
+    assert learner.is_learner
+    assert not learner.is_voter
     for _ in range(100):
         learner.tick()
     assert learner.role is Role.FOLLOWER
@@ -201,7 +204,8 @@ def test_a_removed_voter_stops_campaigning_once_it_learns_of_its_removal() -> No
     net.tick(1)
     removed = net.core(3)
     # The leader kept replicating to it until it had the entry and knew it committed.
-    assert not removed.is_voter and removed.log.committed >= index
+    assert not removed.is_voter
+    assert removed.log.committed >= index
     assert net.core(1).progress(nid(3)) is None
     for _ in range(100):
         removed.tick()
@@ -234,7 +238,8 @@ def test_a_server_removed_by_an_uncommitted_entry_still_campaigns() -> None:
     leader = net.elect(1)
     net.isolate(1)
     index = change(net, 1, remove(1))
-    assert not leader.is_voter and leader.log.committed < index
+    assert not leader.is_voter
+    assert leader.log.committed < index
     net.crash_and_restart(1)
     net.recover()
     c1 = net.core(1)

@@ -56,7 +56,8 @@ def test_a_new_leader_appends_a_no_op_of_its_term_and_commits_it() -> None:
     leader = net.elect(1)
     last = leader.log.last_index()
     noop = net.storages[nid(1)].entries(last, last + 1, 1 << 20)[0]
-    assert noop.type is EntryType.NOOP and noop.term == leader.term
+    assert noop.type is EntryType.NOOP
+    assert noop.term == leader.term
     assert leader.log.committed == last
     for i in (1, 2, 3):
         assert net.applied[nid(i)][-1] == noop
@@ -72,7 +73,8 @@ def test_a_proposal_commits_once_a_majority_stores_it_and_is_applied_everywhere(
     assert net.applied_data(2) == [b"x"]
     net.recover()
     net.tick(1)  # heartbeats find 4 and 5 behind; they catch up
-    assert net.applied_data(4) == [b"x"] and net.applied_data(5) == [b"x"]
+    assert net.applied_data(4) == [b"x"]
+    assert net.applied_data(5) == [b"x"]
 
 
 def test_a_proposal_without_a_majority_does_not_commit() -> None:
@@ -102,13 +104,15 @@ def test_a_follower_rejects_entries_whose_predecessor_it_lacks() -> None:
     core, st = follower((1, 2, 2), term=2)  # indexes 2..4
     core.step(AppendEntries(**hdr(1, 2, 3), prev_index=4, prev_term=3, entries=(), commit=1))
     (resp,) = drain(core, st)
-    assert isinstance(resp, AppendResponse) and resp.reject
+    assert isinstance(resp, AppendResponse)
+    assert resp.reject
     assert resp.index == 4
     # Our term at 4 is 2 <= 3: the leader should look at index 4 for term 2.
     assert (resp.reject_hint, resp.log_term) == (4, 2)
     core.step(AppendEntries(**hdr(1, 2, 3), prev_index=9, prev_term=3, entries=(), commit=1))
     (resp,) = drain(core, st)
-    assert resp.reject and resp.reject_hint == 4  # our last index
+    assert resp.reject
+    assert resp.reject_hint == 4
 
 
 def test_a_follower_deletes_a_conflicting_suffix_and_appends_the_new_entries() -> None:
@@ -117,7 +121,9 @@ def test_a_follower_deletes_a_conflicting_suffix_and_appends_the_new_entries() -
     new = tuple(entries(3, 3, start=3))
     core.step(AppendEntries(**hdr(1, 2, 3), prev_index=2, prev_term=1, entries=new, commit=1))
     (resp,) = drain(core, st)
-    assert isinstance(resp, AppendResponse) and not resp.reject and resp.index == 4
+    assert isinstance(resp, AppendResponse)
+    assert not resp.reject
+    assert resp.index == 4
     assert log_terms(st) == [1, 1, 3, 3]
 
 
@@ -209,7 +215,9 @@ def test_replication_is_pipelined_up_to_the_inflight_limit() -> None:
     # Three unacknowledged messages, then the follower's window is full.
     assert len(sent) == 3
     pr = leader.progress(nid(2))
-    assert pr is not None and pr.state is ProgressState.REPLICATE and pr.is_paused()
+    assert pr is not None
+    assert pr.state is ProgressState.REPLICATE
+    assert pr.is_paused()
 
 
 def test_a_batch_of_proposals_travels_in_one_message_within_the_byte_budget() -> None:
@@ -255,7 +263,8 @@ def test_a_vote_is_granted_only_to_a_candidate_at_least_as_up_to_date(
         )
     )
     (resp,) = drain(core, st)
-    assert isinstance(resp, VoteResponse) and resp.reject is (not granted)
+    assert isinstance(resp, VoteResponse)
+    assert resp.reject is (not granted)
 
 
 def test_figure_8_an_entry_from_an_older_term_is_not_committed_by_counting() -> None:
@@ -288,7 +297,8 @@ def test_figure_8_an_entry_from_an_older_term_is_not_committed_by_counting() -> 
     leader = net.elect(1)
     assert leader.term == 4
     pr3 = leader.progress(nid(3))
-    assert pr3 is not None and pr3.match == 3  # nodes 1, 2, 3: a majority hold index 3
+    assert pr3 is not None
+    assert pr3.match == 3
     assert leader.log.committed < 3
     # Had it committed, node 5 could still win (last term 3 beats 2) and erase index 3.
     net.filter = None
