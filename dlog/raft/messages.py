@@ -85,6 +85,9 @@ class Configuration:
     learners: tuple[Member, ...] = ()
 
     def __post_init__(self) -> None:
+        # Canonical order, so equal configurations compare (and encode) equal.
+        object.__setattr__(self, "voters", tuple(sorted(self.voters, key=lambda m: m.node_id)))
+        object.__setattr__(self, "learners", tuple(sorted(self.learners, key=lambda m: m.node_id)))
         ids = [m.node_id for m in self.voters] + [m.node_id for m in self.learners]
         if len(ids) != len(set(ids)):
             raise InvalidConfChangeError(f"a node appears twice in {ids}")
