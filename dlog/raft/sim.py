@@ -883,6 +883,20 @@ class Simulation:
                 self._start(node)
             if node.pending_compact is not None:
                 self._compact(node)
+        # An operator stops removed nodes ("dlogctl node remove" is for good). One that
+        # never learnt of its removal would otherwise keep forcing elections when
+        # neither pre-vote nor check-quorum guards against it (thesis 4.2.3).
+        for node in self.nodes.values():
+            others = [
+                n.core.config for n in self.nodes.values() if n is not node and n.core is not None
+            ]
+            if (
+                node.core is not None
+                and others
+                and all(c.member(node.node_id) is None for c in others)
+            ):
+                self._log(f"decommission {node.node_id}")
+                self._crash(node)
         deadline = self.now + max_ticks * TICK
         target: tuple[SimNode, int, int] | None = None
         while self.now < deadline:
