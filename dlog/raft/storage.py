@@ -149,6 +149,12 @@ class MemoryStorage:
 
     def create_snapshot(self, meta: SnapshotMeta, data: bytes) -> Snapshot:
         """Record a snapshot the local state machine took at ``meta.index`` (applied)."""
+        self.check_snapshot(meta)
+        self._snapshot = Snapshot(meta=meta, data=data)
+        return self._snapshot
+
+    def check_snapshot(self, meta: SnapshotMeta) -> None:
+        """Raise StorageError unless a local snapshot at ``meta`` may be recorded."""
         if meta.index <= self._snapshot.meta.index:
             raise StorageError(
                 f"snapshot at {meta.index} is not newer than {self._snapshot.meta.index}"
@@ -157,8 +163,6 @@ class MemoryStorage:
             raise StorageError(f"snapshot at {meta.index} is past the last index")
         if self.term(meta.index) != meta.term:
             raise StorageError(f"snapshot term {meta.term} does not match the log")
-        self._snapshot = Snapshot(meta=meta, data=data)
-        return self._snapshot
 
     def compact(self, index: int) -> None:
         """Drop entries before ``index``, which becomes the dummy entry.
