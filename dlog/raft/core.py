@@ -276,6 +276,14 @@ class RaftCore:
         """Index of the entry (or snapshot) the configuration in force came from."""
         return self._configs[-1][0]
 
+    def committed_config(self) -> Configuration:
+        """The newest configuration whose entry is committed (it can no longer change)."""
+        committed = self.log.committed
+        for index, config in reversed(self._configs):
+            if index <= committed:
+                return config
+        return self._configs[0][1]
+
     def progress(self, node_id: NodeId) -> Progress | None:
         """The leader's replication progress for a peer (None if not leader/unknown)."""
         return self._progress.get(node_id)
@@ -721,18 +729,26 @@ class RaftCore:
                     pr.become_probe()
                 self._send_append(m.from_id)
             return
-        if not (
-            pr.maybe_update(m.index) or (pr.match == m.index and pr.state is ProgressState.PROBE)
-        ):
-            return
+        updated = pr.maybe_update(m.index)
         if pr.state is ProgressState.PROBE:
+            if not (updated or pr.match == m.index):
+                return
             pr.become_replicate()
         elif pr.state is ProgressState.SNAPSHOT:
+            snap = pr.snapshot
             if pr.match + 1 >= self.log.first_index():
                 pr.become_probe()
                 pr.become_replicate()
-        else:
+            elif snap is None or pr.match >= snap.meta.index:
+                # It has the snapshot, but we compacted past it since: probe again,
+                # which starts a newer snapshot.
+                pr.become_probe()
+            elif not updated:
+                return
+        elif updated:
             pr.free_inflights_to(m.index)
+        else:
+            return
         if self._maybe_commit():
             self._bcast_append()
         elif pr.can_bump_commit(self.log.committed):

@@ -883,20 +883,8 @@ class Simulation:
                 self._start(node)
             if node.pending_compact is not None:
                 self._compact(node)
-        # An operator stops removed nodes ("dlogctl node remove" is for good). One that
-        # never learnt of its removal would otherwise keep forcing elections when
-        # neither pre-vote nor check-quorum guards against it (thesis 4.2.3).
-        for node in self.nodes.values():
-            others = [
-                n.core.config for n in self.nodes.values() if n is not node and n.core is not None
-            ]
-            if (
-                node.core is not None
-                and others
-                and all(c.member(node.node_id) is None for c in others)
-            ):
-                self._log(f"decommission {node.node_id}")
-                self._crash(node)
+        if not (self.params.core.pre_vote or self.params.core.check_quorum):
+            self._decommission_removed()
         deadline = self.now + max_ticks * TICK
         target: tuple[SimNode, int, int] | None = None
         while self.now < deadline:
@@ -916,6 +904,30 @@ class Simulation:
                 if index_or_none is not None:
                     target = (leader, index_or_none, leader.core.term)
         raise self.violation(f"liveness: no proposal applied after healing:\n{self.describe()}")
+
+    def _decommission_removed(self) -> None:
+        """An operator stops removed nodes ("dlogctl node remove" is for good).
+
+        Needed only with neither pre-vote nor check-quorum: then a node that never
+        learnt of its removal forces elections forever (thesis 4.2.3). A node counts as
+        removed when the most advanced log has committed a configuration without it
+        and holds no later one with it.
+        """
+        ahead = max(
+            (n for n in self.nodes.values() if n.core is not None),
+            key=lambda n: n.core.log.committed if n.core is not None else -1,
+        )
+        core = ahead.core
+        assert core is not None
+        committed_config = core.committed_config()
+        for node in self.nodes.values():
+            if (
+                node.core is not None
+                and committed_config.member(node.node_id) is None
+                and core.config.member(node.node_id) is None
+            ):
+                self._log(f"decommission {node.node_id}")
+                self._crash(node)
 
     def describe(self) -> str:
         lines = []

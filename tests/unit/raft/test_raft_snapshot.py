@@ -245,3 +245,39 @@ def test_compaction_never_drops_entries_the_snapshot_does_not_cover() -> None:
     st = net.storages[nid(1)]
     with pytest.raises(StorageError):
         st.compact(st.last_index())
+
+
+def test_a_follower_that_installed_an_outdated_snapshot_gets_a_newer_one() -> None:
+    # The leader compacts past the snapshot it is still streaming: once the follower
+    # has installed the old one, the leader must move it on to the new one.
+    net = lagging_follower_net(chunk=4, max_inflight_snapshot_chunks=1)
+    old = snapshot_and_compact(net, 1, b"old-snapshot")
+    net.recover()
+    net.isolate(2)  # let only node 3 talk to the leader (no commits meanwhile)
+    held = []
+
+    def hold_the_last_chunk(m: object) -> bool:
+        if isinstance(m, InstallSnapshot) and m.done and not held:
+            held.append(m)
+            return False
+        return True
+
+    net.filter = hold_the_last_chunk
+    net.tick(1)
+    assert held
+    net.filter = None
+    net.recover()
+    net.isolate(3)
+    for i in range(3):
+        net.propose(1, b"more%d" % i)
+    new = snapshot_and_compact(net, 1, b"new-snapshot")
+    assert new.index > old.index
+    net.recover()
+    net.settle([held[0]])  # the old snapshot completes on node 3
+    for _ in range(4):
+        net.tick(1)
+    assert net.storages[nid(3)].snapshot().meta == new
+    assert net.core(3).log.committed == net.core(1).log.committed
+    pr = net.core(1).progress(nid(3))
+    assert pr is not None
+    assert pr.state is ProgressState.REPLICATE
