@@ -5,18 +5,17 @@ from __future__ import annotations
 import typer
 
 import dlog
+from dlogctl import cluster, node
 
 app = typer.Typer(
     name="dlogctl",
     help="Run and operate dlog, a Kafka-style replicated log.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
-
-
-@app.callback()
-def _root() -> None:
-    """Run and operate dlog, a Kafka-style replicated log."""
+app.add_typer(node.app, name="node")
+app.add_typer(cluster.app, name="cluster")
 
 
 @app.command()

@@ -1,0 +1,3 @@
+from dlogctl.main import main
+
+main()

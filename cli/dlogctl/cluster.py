@@ -1,0 +1,203 @@
+"""``dlogctl cluster``: a local cluster of background node processes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dlog.errors import DlogError
+from dlog.net.client import ClientConfig, open_rpc_pool
+from dlog.net.protocol import DescribeClusterRequest, DescribeClusterResponse
+from dlogctl.common import DataDirOption, console, err_console, fail, print_json
+from dlogctl.local import ClusterSpec, NodeSpec, node_pid, start_node, stop_node
+
+app = typer.Typer(help="Start, inspect and stop a local cluster.", no_args_is_help=True)
+
+
+async def describe(addresses: list[str], timeout: float = 2.0) -> DescribeClusterResponse | None:
+    """The cluster as the first reachable node sees it, or None."""
+    async with open_rpc_pool(ClientConfig(connect_timeout_s=timeout)) as pool:
+        for address in addresses:
+            try:
+                reply = await pool.call(address, DescribeClusterRequest(), timeout=timeout)
+            except DlogError:
+                continue
+            if isinstance(reply, DescribeClusterResponse):
+                return reply
+    return None
+
+
+def _ready(reply: DescribeClusterResponse | None, ids: set[int]) -> tuple[bool, str]:
+    if reply is None:
+        return False, "waiting for the first node to answer"
+    if reply.controller is None:
+        return False, "electing a controller"
+    registered = {b.node_id for b in reply.brokers if not b.fenced}
+    missing = sorted(ids - registered)
+    if missing:
+        return False, f"controller is node {reply.controller}; waiting for node(s) {missing}"
+    return True, f"controller is node {reply.controller}; all {len(ids)} nodes registered"
+
+
+@app.command("up")
+def cluster_up(
+    nodes: int = typer.Option(3, "--nodes", "-n", min=1, max=50, help="Number of nodes."),
+    data_dir: Path = DataDirOption,
+    base_port: int = typer.Option(
+        9400,
+        "--base-port",
+        min=1,
+        max=65000,
+        help="Node i gets rpc P+i, gossip P+100+i, raft P+200+i.",
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the nodes bind to."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for a ready cluster."),
+    log_level: str = typer.Option("info", "--log-level", help="Node log level."),
+) -> None:
+    """Start the local cluster (only the nodes that are not running) and wait until ready."""
+    data_dir = data_dir.resolve()
+    spec = ClusterSpec.load(data_dir)
+    if spec is None:
+        spec = ClusterSpec.create(data_dir, nodes, base_port, host)
+        spec.save()
+    elif nodes > len(spec.nodes):
+        grown = ClusterSpec.create(data_dir, nodes, spec.base_port, spec.host)
+        spec = ClusterSpec(
+            spec.data_dir, spec.base_port, spec.host, spec.nodes + grown.nodes[len(spec.nodes) :]
+        )
+        spec.save()
+    started = []
+    for node in spec.nodes:
+        if node_pid(node) is None:
+            start_node(spec, node, log_level=log_level)
+            started.append(node.id)
+    if started:
+        console.print(f"started node(s) {', '.join(map(str, started))}")
+    else:
+        console.print("every node is already running")
+    ids = {n.id for n in spec.nodes}
+    addresses = [n.rpc for n in spec.nodes]
+    deadline = time.monotonic() + timeout
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("waiting for the cluster", total=None)
+        while True:
+            reply = trio.run(describe, addresses)
+            ok, state = _ready(reply, ids)
+            progress.update(task, description=state)
+            if ok:
+                break
+            for node in spec.nodes:
+                if node.id in started and node_pid(node) is None:
+                    fail(f"node {node.id} exited; see {node.log_file}")
+            if time.monotonic() > deadline:
+                fail(
+                    f"cluster not ready after {timeout:g}s ({state}); see the node.log files "
+                    f"under {data_dir}"
+                )
+            time.sleep(0.2)
+    assert reply is not None
+    console.print(f"cluster ready: {len(ids)} node(s), controller is node {reply.controller}")
+    console.print(f"bootstrap: [bold]{spec.nodes[0].rpc}[/]")
+    console.print(f"data and logs: {data_dir}")
+
+
+def _status(spec: ClusterSpec) -> dict[str, Any]:
+    reply = trio.run(describe, [n.rpc for n in spec.nodes if node_pid(n) is not None])
+    brokers = {b.node_id: b for b in reply.brokers} if reply else {}
+    roles = {m.node_id: m.role for m in reply.raft_members} if reply else {}
+    nodes = []
+    for n in spec.nodes:
+        pid = node_pid(n)
+        broker = brokers.get(n.id)
+        nodes.append(
+            {
+                "id": n.id,
+                "pid": pid,
+                "rpc": n.rpc,
+                "gossip": n.gossip,
+                "raft": n.raft,
+                "alive": pid is not None,
+                "data_dir": n.data_dir,
+                "log_file": str(n.log_file),
+                "registered": broker is not None,
+                "fenced": broker.fenced if broker is not None else None,
+                "raft_role": roles.get(n.id),
+                "controller": reply is not None and reply.controller == n.id,
+            }
+        )
+    return {
+        "bootstrap": spec.nodes[0].rpc,
+        "cluster_id": reply.cluster_id if reply else None,
+        "controller": reply.controller if reply else None,
+        "metadata_index": reply.metadata_index if reply else None,
+        "nodes": nodes,
+    }
+
+
+@app.command("status")
+def cluster_status(
+    data_dir: Path = DataDirOption,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show the local cluster's nodes, processes and controller."""
+    spec = ClusterSpec.load(data_dir.resolve())
+    if spec is None:
+        fail(f"no cluster in {data_dir} (start one with `dlogctl cluster up`)")
+    status = _status(spec)
+    if as_json:
+        print_json(status)
+        return
+    table = Table(title=f"dlog cluster {status['cluster_id'] or '(unreachable)'}")
+    for column in ("node", "pid", "rpc", "gossip", "raft", "process", "broker", "raft role"):
+        table.add_column(column)
+    for n in status["nodes"]:
+        broker = "-" if not n["registered"] else ("fenced" if n["fenced"] else "active")
+        name = f"{n['id']}{' (controller)' if n['controller'] else ''}"
+        table.add_row(
+            name,
+            str(n["pid"] or "-"),
+            n["rpc"],
+            n["gossip"],
+            n["raft"],
+            "[green]running[/]" if n["alive"] else "[red]stopped[/]",
+            broker,
+            n["raft_role"] or "-",
+        )
+    console.print(table)
+    console.print(f"bootstrap: {status['bootstrap']}")
+
+
+@app.command("down")
+def cluster_down(
+    data_dir: Path = DataDirOption,
+    timeout: float = typer.Option(15.0, "--timeout", help="Seconds per node before SIGKILL."),
+) -> None:
+    """Stop every node, one at a time, the controller last."""
+    spec = ClusterSpec.load(data_dir.resolve())
+    if spec is None:
+        fail(f"no cluster in {data_dir}")
+    status = _status(spec)
+    controller = status["controller"]
+    order: list[NodeSpec] = sorted(spec.nodes, key=lambda n: (n.id == controller, n.id))
+    stopped = []
+    for node in order:
+        if node_pid(node) is None:
+            continue
+        with console.status(f"stopping node {node.id}"):
+            stop_node(node, timeout_s=timeout)
+        stopped.append(node.id)
+        console.print(f"stopped node {node.id}")
+    if not stopped:
+        console.print("no node was running")

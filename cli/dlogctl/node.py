@@ -1,0 +1,122 @@
+"""``dlogctl node``: run one node in the foreground; remove a node for good."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+import typer
+
+from dlog.broker.config import BrokerConfig
+from dlog.errors import DlogError
+from dlogctl.common import BootstrapOption, DataDirOption, console, fail, resolve_bootstrap, run
+
+app = typer.Typer(help="Run or remove a single node.", no_args_is_help=True)
+
+
+class _NodeFilter(logging.Filter):
+    def __init__(self, node_id: int) -> None:
+        super().__init__()
+        self.node_id = node_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = self.node_id
+        name = record.name
+        record.component = name.rsplit(".", 1)[-1] if name.startswith("dlog.") else name
+        return True
+
+
+def setup_logging(node_id: int, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_NodeFilter(node_id))
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s.%(msecs)03d node=%(node)s %(component)s %(levelname)s %(message)s",
+            datefmt="%Y-%m-%d %H:%M:%S",
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+@app.command("run")
+def node_run(
+    node_id: int | None = typer.Option(None, "--node-id", help="This node's id (>= 0)."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="This node's data directory."),
+    rpc: str | None = typer.Option(None, "--rpc", help="Bind address for clients and brokers."),
+    gossip: str | None = typer.Option(None, "--gossip", help="Bind address for gossip (UDP+TCP)."),
+    raft: str | None = typer.Option(None, "--raft", help="Bind address for the metadata Raft."),
+    advertise_rpc: str | None = typer.Option(None, "--advertise-rpc"),
+    advertise_gossip: str | None = typer.Option(None, "--advertise-gossip"),
+    advertise_raft: str | None = typer.Option(None, "--advertise-raft"),
+    join: list[str] = typer.Option([], "--join", help="Gossip address of a node to join (repeat)."),
+    bootstrap_cluster: bool = typer.Option(
+        False, "--bootstrap-cluster", help="Start a new cluster here (no-op if formatted)."
+    ),
+    config_file: Path | None = typer.Option(None, "--config-file", help="TOML config file."),
+    log_level: str | None = typer.Option(None, "--log-level", help="debug|info|warning|error"),
+) -> None:
+    """Run one node in the foreground until SIGTERM/SIGINT (then a controlled shutdown)."""
+    flags = {
+        "node_id": node_id,
+        "data_dir": data_dir,
+        "rpc": rpc,
+        "gossip": gossip,
+        "raft": raft,
+        "advertise_rpc": advertise_rpc,
+        "advertise_gossip": advertise_gossip,
+        "advertise_raft": advertise_raft,
+        "join": tuple(join) if join else None,
+        "bootstrap_cluster": True if bootstrap_cluster else None,
+        "log_level": log_level,
+    }
+    try:
+        config = BrokerConfig.load(flags, config_file=config_file)
+    except DlogError as exc:
+        fail(exc.message)
+    setup_logging(config.node_id, config.log_level)
+    run(_serve, config)
+
+
+async def _serve(config: BrokerConfig) -> None:
+    from dlog.broker.node import Broker  # the whole node: imported only to run one
+
+    broker = Broker(config)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await nursery.start(broker.run)
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    logging.getLogger("dlog.broker.node").info(
+                        "received %s", signal.Signals(signum).name
+                    )
+                    await broker.shutdown()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await broker.stopped.wait()
+            nursery.cancel_scope.cancel()
+
+
+@app.command("remove")
+def node_remove(
+    node_id: int = typer.Argument(..., help="Id of the node to remove."),
+    bootstrap: str | None = BootstrapOption,
+    data_dir: Path = DataDirOption,
+) -> None:
+    """Remove a node from the Raft voters and the cluster for good."""
+    addresses = resolve_bootstrap(bootstrap, data_dir)
+
+    async def remove() -> None:
+        from dlog.client import connect
+
+        async with connect(addresses) as client:
+            await client.remove_node(node_id)
+
+    run(remove)
+    console.print(f"node {node_id} removed")

@@ -1,0 +1,782 @@
+"""The data plane of one broker: partition replicas, produce, fetch, replication.
+
+Ownership: :meth:`ReplicaManager.run` opens a nursery holding the metadata-reaction
+task, the ISR-check task, and one fetcher task per partition this broker follows,
+each in its own cancel scope so a leader change restarts exactly that fetcher.
+Request handlers (produce, fetch, ...) run in the RPC server's tasks and only touch
+partitions between awaits.
+
+What happens when metadata changes (:meth:`on_metadata`, called after every applied
+Raft batch): the delta is queued and one task applies it in order -- creating or
+deleting logs, making this broker leader or follower of each changed partition,
+starting or stopping fetchers. A follower always truncates its log to the leader's
+epoch history (OffsetsForLeaderEpoch) before it fetches, so replica logs never
+diverge.
+
+The broker path never decodes a record: batches are validated by their headers and
+copied between sockets and segments as bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from dlog.broker.config import BrokerConfig
+from dlog.broker.metadata import MetadataDelta, MetadataImage, PartitionInfo
+from dlog.broker.partition import Partition, Role
+from dlog.broker.topic_config import TopicConfig
+from dlog.clock import WallClock
+from dlog.errors import (
+    DlogError,
+    ErrorCode,
+    FencedLeaderEpochError,
+    InvalidRequestError,
+    InvalidRequiredAcksError,
+    LeaderNotAvailableError,
+    NetworkError,
+    NotEnoughReplicasAfterAppendError,
+    NotEnoughReplicasError,
+    NotLeaderError,
+    RequestTimedOutError,
+    UnknownLeaderEpochError,
+    UnknownTopicOrPartitionError,
+    error_from_wire,
+)
+from dlog.net.client import RpcPool
+from dlog.net.messages import payload_bytes
+from dlog.net.protocol import (
+    ACKS_ALL,
+    ACKS_LEADER,
+    ACKS_NONE,
+    EARLIEST_TIMESTAMP,
+    LATEST_TIMESTAMP,
+    NO_EPOCH,
+    AlterPartitionRequest,
+    AlterPartitionResponse,
+    EpochEndOffset,
+    EpochQuery,
+    FetchPartition,
+    FetchPartitionResult,
+    FetchRequest,
+    FetchResponse,
+    ListOffsetsPartitionResult,
+    ListOffsetsRequest,
+    ListOffsetsResponse,
+    OffsetsForLeaderEpochRequest,
+    OffsetsForLeaderEpochResponse,
+    PartitionState,
+    ProducePartitionResult,
+    ProduceRequest,
+    ProduceResponse,
+    ReplicaState,
+    ReplicaStatusRequest,
+    ReplicaStatusResponse,
+)
+from dlog.storage import LogConfig, LogManager, UnexpectedAppendOffsetError
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaManagerHooks:
+    """What the data plane needs from the rest of the broker (all cheap, no I/O)."""
+
+    #: The current metadata image (read-only for the data plane).
+    image: Callable[[], MetadataImage]
+    #: The controller's RPC address, if one is known.
+    controller_address: Callable[[], str | None]
+    #: False once this broker has heard from no Raft leader for the session timeout:
+    #: it must then stop acting as a partition leader.
+    session_ok: Callable[[], bool]
+
+
+class ReplicaManager:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        logs: LogManager,
+        pool: RpcPool,
+        hooks: ReplicaManagerHooks,
+        clock: WallClock,
+    ) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.logs = logs
+        self.pool = pool
+        self.hooks = hooks
+        self.clock = clock
+        self.partitions: dict[TopicPartition, Partition] = {}
+        self._fetchers: dict[TopicPartition, trio.CancelScope] = {}
+        self._alter_in_flight: set[TopicPartition] = set()
+        self._pending = MetadataDelta()
+        self._pending_event = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        # Test hook (see fetch_delay_s): a slow or stalled follower.
+        self._fetch_delay_s = 0.0
+        self._fetch_delay_changed = trio.Event()
+
+    @property
+    def fetch_delay_s(self) -> float:
+        """Test hook: every follower fetch of this broker waits this long first.
+
+        Changing it takes effect at once, also for fetches already waiting.
+        """
+        return self._fetch_delay_s
+
+    @fetch_delay_s.setter
+    def fetch_delay_s(self, seconds: float) -> None:
+        self._fetch_delay_s = seconds
+        self._fetch_delay_changed.set()
+        self._fetch_delay_changed = trio.Event()
+
+    async def _fetch_delay(self) -> None:
+        start = trio.current_time()
+        while self._fetch_delay_s > 0:
+            remaining = start + self._fetch_delay_s - trio.current_time()
+            if remaining <= 0:
+                return
+            with trio.move_on_after(remaining):
+                await self._fetch_delay_changed.wait()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled: applies metadata, runs fetchers and ISR checks."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._metadata_loop)
+            nursery.start_soon(self._isr_shrink_loop)
+            task_status.started()
+        self._nursery = None
+
+    def on_metadata(self, delta: MetadataDelta) -> None:
+        """Queue an applied metadata delta (called from the metadata apply path)."""
+        self._pending.merge(delta)
+        self._pending_event.set()
+
+    async def _metadata_loop(self) -> None:
+        while True:
+            await self._pending_event.wait()
+            self._pending_event = trio.Event()
+            delta, self._pending = self._pending, MetadataDelta()
+            try:
+                await self._apply(delta)
+            except DlogError as exc:
+                log.error("applying metadata to local replicas failed: %s", exc)
+
+    async def _apply(self, delta: MetadataDelta) -> None:
+        image = self.hooks.image()
+        for name, topic_id, count in delta.deleted_topics:
+            for partition in range(count):
+                await self._remove_partition((name, partition), topic_id)
+        for name in delta.config_changed_topics:
+            topic = image.topics.get(name)
+            if topic is None:
+                continue
+            for info in topic.partitions:
+                p = self.partitions.get((name, info.partition))
+                if p is not None:
+                    cfg = self._topic_config(image, info)
+                    p.update_config(cfg)
+                    p.log.update_config(self._log_config(cfg))
+        for tp in sorted(delta.partitions):
+            changed = image.partition(*tp)
+            if changed is None:
+                continue
+            if self.node_id in changed.replicas:
+                await self._apply_partition(image, changed)
+            elif tp in self.partitions:
+                await self._remove_partition(tp, changed.topic_id)
+        if delta.brokers:
+            # A broker's address may have changed: restart fetchers that follow it.
+            for p in list(self.partitions.values()):
+                if p.role is Role.FOLLOWER and p.info.leader in delta.brokers:
+                    self._start_fetcher(p, p.info)
+
+    async def _apply_partition(self, image: MetadataImage, info: PartitionInfo) -> None:
+        tp = (info.topic, info.partition)
+        p = self.partitions.get(tp)
+        if p is None:
+            cfg = self._topic_config(image, info)
+            plog = await self.logs.get_or_create(
+                info.topic, info.partition, info.topic_id, self._log_config(cfg)
+            )
+            p = Partition(node_id=self.node_id, info=info, log=plog, config=cfg)
+            self.partitions[tp] = p
+        if info.leader == self.node_id:
+            if p.role is not Role.LEADER or p.leader_epoch != info.leader_epoch:
+                self._stop_fetcher(tp)
+                p.become_leader(info, trio.current_time())
+                log.info("leading %s-%d at epoch %d", info.topic, info.partition, info.leader_epoch)
+            else:
+                p.update_info(info)
+        else:
+            changed = p.role is Role.LEADER or p.leader_epoch != info.leader_epoch
+            if changed or (info.leader is not None and tp not in self._fetchers):
+                p.become_follower(info)
+                if info.leader is None:
+                    self._stop_fetcher(tp)
+                else:
+                    self._start_fetcher(p, info)
+                    log.info(
+                        "following %s-%d, leader %s at epoch %d",
+                        info.topic,
+                        info.partition,
+                        info.leader,
+                        info.leader_epoch,
+                    )
+            else:
+                p.info = info
+
+    async def _remove_partition(self, tp: TopicPartition, topic_id: str) -> None:
+        self._stop_fetcher(tp)
+        p = self.partitions.pop(tp, None)
+        if p is not None:
+            p.role = Role.NONE
+            p.notify()
+        if self.logs.topic_id(*tp) == topic_id or p is not None:
+            await self.logs.delete(*tp)
+            log.info("deleted replica %s-%d", *tp)
+
+    def _topic_config(self, image: MetadataImage, info: PartitionInfo) -> TopicConfig:
+        topic = image.topics.get(info.topic)
+        overrides = topic.configs if topic is not None else {}
+        return TopicConfig.resolve(overrides, len(info.replicas), self.config.topic_defaults)
+
+    @staticmethod
+    def _log_config(cfg: TopicConfig) -> LogConfig:
+        return LogConfig.from_overrides(cfg.log_overrides())
+
+    async def remove_stray_logs(self) -> None:
+        """Delete logs of partitions the metadata no longer gives this broker.
+
+        Call once this broker's metadata is caught up (a topic deleted while it was
+        down must not come back).
+        """
+        image = self.hooks.image()
+        for (topic, partition), _ in list(self.logs.logs.items()):
+            info = image.partition(topic, partition)
+            if info is None or self.node_id not in info.replicas:
+                if (topic, partition) not in self.partitions or info is None:
+                    self.partitions.pop((topic, partition), None)
+                    await self.logs.delete(topic, partition)
+                    log.info("removed stray log %s-%d", topic, partition)
+            elif self.logs.topic_id(topic, partition) != info.topic_id:
+                await self.logs.delete(topic, partition)
+
+    # --- lookups -----------------------------------------------------------------------
+
+    def _leader(self, topic: str, partition: int, current_epoch: int = NO_EPOCH) -> Partition:
+        p = self.partitions.get((topic, partition))
+        if p is None:
+            info = self.hooks.image().partition(topic, partition)
+            if info is None:
+                raise UnknownTopicOrPartitionError(f"{topic}-{partition} does not exist")
+            raise NotLeaderError(
+                f"broker {self.node_id} does not lead {topic}-{partition}",
+                leader=info.leader,
+                leader_epoch=info.leader_epoch,
+            )
+        if current_epoch != NO_EPOCH:
+            if current_epoch < p.leader_epoch:
+                raise FencedLeaderEpochError(
+                    f"epoch {current_epoch} < {p.leader_epoch} for {topic}-{partition}",
+                    leader=p.info.leader,
+                    leader_epoch=p.leader_epoch,
+                )
+            if current_epoch > p.leader_epoch:
+                raise UnknownLeaderEpochError(
+                    f"epoch {current_epoch} > {p.leader_epoch} for {topic}-{partition}"
+                )
+        if p.role is not Role.LEADER:
+            if p.info.leader is None:
+                raise LeaderNotAvailableError(f"{topic}-{partition} has no leader")
+            raise NotLeaderError(
+                f"broker {self.node_id} does not lead {topic}-{partition}",
+                leader=p.info.leader,
+                leader_epoch=p.info.leader_epoch,
+            )
+        return p
+
+    # --- produce -------------------------------------------------------------------------
+
+    async def produce(self, request: ProduceRequest) -> ProduceResponse:
+        acks = request.acks
+        if acks not in (ACKS_NONE, ACKS_LEADER, ACKS_ALL):
+            raise InvalidRequiredAcksError(f"acks={acks}")
+        payload = memoryview(payload_bytes(request.payload))
+        results: list[ProducePartitionResult] = []
+        waits: list[tuple[int, Partition, int, int]] = []
+        position = 0
+        session_ok = self.hooks.session_ok()
+        for part in request.partitions:
+            chunk = payload[position : position + part.size]
+            position += part.size
+            try:
+                if part.size <= 0 or len(chunk) != part.size:
+                    raise InvalidRequestError("partition sizes do not match the payload")
+                p = self._leader(part.topic, part.partition)
+                if not session_ok:
+                    raise NotLeaderError(
+                        f"broker {self.node_id} lost its Raft session; not leading",
+                        leader=None,
+                    )
+                min_isr = p.config.min_insync_replicas
+                if acks == ACKS_ALL and len(p.isr) < min_isr:
+                    raise NotEnoughReplicasError(
+                        f"{part.topic}-{part.partition}: ISR {list(p.isr)} smaller than "
+                        f"min_insync_replicas={min_isr}"
+                    )
+                info = p.append_as_leader(bytearray(chunk))
+            except DlogError as exc:
+                results.append(_produce_error(part.topic, part.partition, exc))
+                continue
+            results.append(
+                ProducePartitionResult(
+                    topic=part.topic,
+                    partition=part.partition,
+                    base_offset=info.first_offset,
+                    last_offset=info.last_offset,
+                    log_start_offset=p.log.log_start_offset,
+                )
+            )
+            if acks == ACKS_ALL:
+                waits.append((len(results) - 1, p, info.last_offset, p.leader_epoch))
+        if waits:
+            with trio.move_on_after(request.timeout_ms / 1000):
+                for _, p, last, _epoch in waits:
+                    await p.wait_for_high_watermark(last)
+            for i, p, last, epoch in waits:
+                r = results[i]
+                err: DlogError | None = None
+                if p.role is not Role.LEADER or p.leader_epoch != epoch:
+                    err = NotLeaderError(
+                        "leadership moved before the batch was replicated",
+                        leader=p.info.leader,
+                        leader_epoch=p.info.leader_epoch,
+                    )
+                elif p.high_watermark <= last:
+                    err = RequestTimedOutError(
+                        f"{r.topic}-{r.partition}: not replicated to the ISR within "
+                        f"{request.timeout_ms} ms"
+                    )
+                elif len(p.isr) < p.config.min_insync_replicas:
+                    err = NotEnoughReplicasAfterAppendError(
+                        f"{r.topic}-{r.partition}: ISR shrank to {list(p.isr)} below "
+                        f"min_insync_replicas={p.config.min_insync_replicas}"
+                    )
+                if err is not None:
+                    results[i] = _produce_error(r.topic, r.partition, err)
+        return ProduceResponse(partitions=results)
+
+    # --- fetch ----------------------------------------------------------------------------
+
+    async def fetch(self, request: FetchRequest) -> FetchResponse:
+        follower = request.replica_id >= 0
+        deadline = trio.current_time() + max(0, request.max_wait_ms) / 1000
+        if follower:
+            now = trio.current_time()
+            for fp in request.partitions:
+                p = self.partitions.get((fp.topic, fp.partition))
+                if (
+                    p is not None
+                    and p.role is Role.LEADER
+                    and fp.current_leader_epoch in (NO_EPOCH, p.leader_epoch)
+                ):
+                    p.record_follower_fetch(request.replica_id, fp.fetch_offset, now)
+                    self._maybe_alter_isr(p)
+        while True:
+            results, chunks, total, errors = self._read(request, follower)
+            if (
+                total >= request.min_bytes
+                or errors
+                or trio.current_time() >= deadline
+                or not request.partitions
+            ):
+                return FetchResponse(partitions=results, payload=chunks)
+            event = trio.Event()
+            watched = [
+                p
+                for fp in request.partitions
+                if (p := self.partitions.get((fp.topic, fp.partition))) is not None
+            ]
+            for p in watched:
+                p.watch(event)
+            try:
+                with trio.move_on_at(deadline):
+                    await event.wait()
+            finally:
+                for p in watched:
+                    p.unwatch(event)
+
+    def _read(
+        self, request: FetchRequest, follower: bool
+    ) -> tuple[list[FetchPartitionResult], list[bytes], int, bool]:
+        results: list[FetchPartitionResult] = []
+        chunks: list[bytes] = []
+        total = 0
+        errors = False
+        for fp in request.partitions:
+            try:
+                p = self._leader(fp.topic, fp.partition, fp.current_leader_epoch)
+                budget = min(fp.partition_max_bytes, request.max_bytes - total)
+                plog = p.log
+                upper = None if follower else p.high_watermark
+                if budget <= 0:
+                    data_chunks: tuple[bytes, ...] = ()
+                    # Still check the offset is valid.
+                    if not plog.log_start_offset <= fp.fetch_offset <= plog.log_end_offset:
+                        plog.read(fp.fetch_offset, 0, upper, min_one_batch=False)
+                else:
+                    data = plog.read(fp.fetch_offset, budget, upper)
+                    data_chunks = data.chunks
+                size = sum(len(c) for c in data_chunks)
+                chunks.extend(data_chunks)
+                total += size
+                results.append(
+                    FetchPartitionResult(
+                        topic=fp.topic,
+                        partition=fp.partition,
+                        high_watermark=p.high_watermark,
+                        log_start_offset=plog.log_start_offset,
+                        log_end_offset=plog.log_end_offset,
+                        size=size,
+                        leader=self.node_id,
+                        leader_epoch=p.leader_epoch,
+                    )
+                )
+            except DlogError as exc:
+                errors = True
+                results.append(_fetch_error(fp, exc))
+        return results, chunks, total, errors
+
+    # --- offsets -----------------------------------------------------------------------
+
+    async def list_offsets(self, request: ListOffsetsRequest) -> ListOffsetsResponse:
+        results = []
+        for q in request.partitions:
+            try:
+                p = self._leader(q.topic, q.partition)
+                hw = p.high_watermark
+                offset: int
+                ts: int
+                if q.timestamp == EARLIEST_TIMESTAMP:
+                    offset, ts = p.log.log_start_offset, -1
+                elif q.timestamp == LATEST_TIMESTAMP:
+                    offset, ts = hw, -1
+                else:
+                    found = p.log.offset_for_timestamp(q.timestamp)
+                    if found is None or found.offset >= hw:
+                        offset, ts = -1, -1
+                    else:
+                        offset, ts = found.offset, found.timestamp
+                results.append(
+                    ListOffsetsPartitionResult(
+                        topic=q.topic,
+                        partition=q.partition,
+                        offset=offset,
+                        timestamp=ts,
+                        leader=self.node_id,
+                        leader_epoch=p.leader_epoch,
+                    )
+                )
+            except DlogError as exc:
+                results.append(
+                    ListOffsetsPartitionResult(
+                        topic=q.topic,
+                        partition=q.partition,
+                        error_code=int(exc.code),
+                        error_message=exc.message,
+                        leader=exc.details.get("leader"),
+                        leader_epoch=exc.details.get("leader_epoch", NO_EPOCH),
+                    )
+                )
+        return ListOffsetsResponse(partitions=results)
+
+    async def offsets_for_leader_epoch(
+        self, request: OffsetsForLeaderEpochRequest
+    ) -> OffsetsForLeaderEpochResponse:
+        results = []
+        for q in request.partitions:
+            try:
+                p = self._leader(q.topic, q.partition, q.current_leader_epoch)
+                epoch, end = p.log.end_offset_for_epoch(q.leader_epoch)
+                results.append(
+                    EpochEndOffset(
+                        topic=q.topic, partition=q.partition, leader_epoch=epoch, end_offset=end
+                    )
+                )
+            except DlogError as exc:
+                results.append(
+                    EpochEndOffset(
+                        topic=q.topic,
+                        partition=q.partition,
+                        error_code=int(exc.code),
+                        error_message=exc.message,
+                    )
+                )
+        return OffsetsForLeaderEpochResponse(partitions=results)
+
+    async def replica_status(self, request: ReplicaStatusRequest) -> ReplicaStatusResponse:
+        now = trio.current_time()
+        out = []
+        for (topic, partition), p in sorted(self.partitions.items()):
+            if request.topics is not None and topic not in request.topics:
+                continue
+            replicas = []
+            if p.role is Role.LEADER:
+                replicas.append(ReplicaState(node_id=self.node_id, log_end_offset=p.log_end_offset))
+                for node, state in sorted(p.followers.items()):
+                    lag = 0.0 if state.last_caught_up == -math.inf else now - state.last_caught_up
+                    replicas.append(
+                        ReplicaState(
+                            node_id=node,
+                            log_end_offset=state.log_end_offset,
+                            lag_s=round(max(0.0, lag), 3),
+                        )
+                    )
+            out.append(
+                PartitionState(
+                    topic=topic,
+                    partition=partition,
+                    role=p.role.value,
+                    leader_epoch=p.leader_epoch,
+                    log_start_offset=p.log.log_start_offset,
+                    log_end_offset=p.log_end_offset,
+                    high_watermark=p.high_watermark,
+                    size_bytes=p.log.size_in_bytes,
+                    replicas=replicas,
+                )
+            )
+        return ReplicaStatusResponse(node_id=self.node_id, partitions=out)
+
+    # --- ISR changes (leader side) -----------------------------------------------------------
+
+    def _usable_brokers(self) -> list[int]:
+        return self.hooks.image().unfenced_brokers()
+
+    def _maybe_alter_isr(self, p: Partition) -> None:
+        tp = (p.topic, p.partition)
+        if tp in self._alter_in_flight or self._nursery is None:
+            return
+        lag_s = self.config.replica_lag_time_max_ms / 1000
+        wanted = p.isr_change_wanted(trio.current_time(), lag_s, self._usable_brokers())
+        if wanted is None:
+            return
+        p.pending_isr = wanted
+        # Additions count toward the HW at once (maximal ISR); removals only once committed.
+        if p.maybe_advance_high_watermark():
+            p.notify()
+        self._alter_in_flight.add(tp)
+        self._nursery.start_soon(self._alter_isr, p, wanted)
+
+    async def _alter_isr(self, p: Partition, wanted: tuple[int, ...]) -> None:
+        tp = (p.topic, p.partition)
+        request = AlterPartitionRequest(
+            broker_id=self.node_id,
+            topic_id=p.topic_id,
+            partition=p.partition,
+            leader_epoch=p.leader_epoch,
+            partition_epoch=p.info.partition_epoch,
+            new_isr=list(wanted),
+        )
+        try:
+            address = self.hooks.controller_address()
+            if address is None:
+                raise NetworkError("no controller known")
+            response = await self.pool.call(address, request, timeout=5)
+            assert isinstance(response, AlterPartitionResponse)
+            log.info(
+                "ISR of %s-%d is now %s (partition epoch %d)",
+                p.topic,
+                p.partition,
+                response.isr,
+                response.partition_epoch,
+            )
+            # Wait for the change to reach our metadata; then pending_isr clears.
+            with trio.move_on_after(5):
+                while (
+                    p.pending_isr is not None and p.info.partition_epoch < response.partition_epoch
+                ):
+                    await p.wait_changed()
+        except DlogError as exc:
+            log.info("ISR change %s for %s-%d not made: %s", list(wanted), *tp, exc)
+            with trio.move_on_after(self.config.replica_fetch_backoff_ms / 1000):
+                await p.wait_changed()
+        finally:
+            p.pending_isr = None
+            self._alter_in_flight.discard(tp)
+            if p.maybe_advance_high_watermark():
+                p.notify()
+
+    async def _isr_shrink_loop(self) -> None:
+        interval = min(1.0, self.config.replica_lag_time_max_ms / 2000)
+        while True:
+            await trio.sleep(interval)
+            for p in list(self.partitions.values()):
+                if p.role is Role.LEADER:
+                    self._maybe_alter_isr(p)
+
+    # --- follower side --------------------------------------------------------------------------
+
+    def _stop_fetcher(self, tp: TopicPartition) -> None:
+        scope = self._fetchers.pop(tp, None)
+        if scope is not None:
+            scope.cancel()
+
+    def _start_fetcher(self, p: Partition, info: PartitionInfo) -> None:
+        tp = (p.topic, p.partition)
+        self._stop_fetcher(tp)
+        if self._nursery is None or info.leader is None or info.leader == self.node_id:
+            return
+        scope = trio.CancelScope()
+        self._fetchers[tp] = scope
+        self._nursery.start_soon(self._follow, p, info, scope)
+
+    async def _follow(self, p: Partition, info: PartitionInfo, scope: trio.CancelScope) -> None:
+        """Replicate ``p`` from ``info.leader`` at ``info.leader_epoch`` until cancelled."""
+        with scope:
+            backoff = self.config.replica_fetch_backoff_ms / 1000
+            leader = info.leader
+            assert leader is not None
+            truncated = False
+            while True:
+                broker = self.hooks.image().brokers.get(leader)
+                if broker is None:
+                    await trio.sleep(backoff)
+                    continue
+                address = broker.rpc
+                try:
+                    if not truncated:
+                        await self._truncate_to_leader(p, address, info.leader_epoch)
+                        truncated = True
+                    truncated = await self._fetch_once(p, address, info.leader_epoch)
+                except (NetworkError, RequestTimedOutError) as exc:
+                    log.debug("fetch %s-%d from %d: %s", p.topic, p.partition, leader, exc)
+                    await trio.sleep(backoff)
+                except DlogError as exc:
+                    log.info("fetch %s-%d from %d: %s", p.topic, p.partition, leader, exc)
+                    await trio.sleep(backoff)
+
+    async def _truncate_to_leader(self, p: Partition, address: str, epoch: int) -> None:
+        plog = p.log
+        latest = plog.latest_epoch
+        if latest is None:
+            return
+        request = OffsetsForLeaderEpochRequest(
+            replica_id=self.node_id,
+            partitions=[
+                EpochQuery(
+                    topic=p.topic,
+                    partition=p.partition,
+                    leader_epoch=latest,
+                    current_leader_epoch=epoch,
+                )
+            ],
+        )
+        response = await self.pool.call(address, request, timeout=5)
+        assert isinstance(response, OffsetsForLeaderEpochResponse)
+        r = response.partitions[0]
+        if r.error_code:
+            raise _error(r.error_code, r.error_message)
+        target: int
+        if r.leader_epoch == NO_EPOCH or r.end_offset < 0:
+            target = min(plog.high_watermark, plog.log_end_offset)
+        elif r.leader_epoch == latest:
+            target = min(r.end_offset, plog.log_end_offset)
+        else:
+            _, our_end = plog.end_offset_for_epoch(r.leader_epoch)
+            target = min(r.end_offset, our_end)
+        if target < plog.log_end_offset:
+            log.info(
+                "truncating %s-%d from %d to %d (leader epoch %d ends at %d)",
+                p.topic,
+                p.partition,
+                plog.log_end_offset,
+                target,
+                r.leader_epoch,
+                r.end_offset,
+            )
+            await plog.truncate_to(target)
+            p.notify()
+
+    async def _fetch_once(self, p: Partition, address: str, epoch: int) -> bool:
+        """One long-poll fetch; returns False when the log must be re-truncated."""
+        if self._fetch_delay_s:
+            await self._fetch_delay()
+        plog = p.log
+        request = FetchRequest(
+            replica_id=self.node_id,
+            max_wait_ms=self.config.replica_fetch_max_wait_ms,
+            min_bytes=1,
+            max_bytes=self.config.replica_fetch_max_bytes,
+            partitions=[
+                FetchPartition(
+                    topic=p.topic,
+                    partition=p.partition,
+                    fetch_offset=plog.log_end_offset,
+                    partition_max_bytes=self.config.replica_fetch_max_bytes,
+                    current_leader_epoch=epoch,
+                )
+            ],
+        )
+        timeout = self.config.replica_fetch_max_wait_ms / 1000 + 10
+        response = await self.pool.call(address, request, timeout=timeout)
+        assert isinstance(response, FetchResponse)
+        r = response.partitions[0]
+        if r.error_code == ErrorCode.OFFSET_OUT_OF_RANGE:
+            if plog.log_end_offset < r.log_start_offset:
+                log.info(
+                    "%s-%d is behind the leader's log start %d: starting over there",
+                    p.topic,
+                    p.partition,
+                    r.log_start_offset,
+                )
+                await plog.truncate_fully_and_start_at(r.log_start_offset)
+                p.notify()
+                return True
+            return False
+        if r.error_code:
+            raise _error(r.error_code, r.error_message)
+        batches = payload_bytes(response.payload)
+        try:
+            p.append_as_follower(batches, r.high_watermark)
+        except UnexpectedAppendOffsetError as exc:
+            log.warning("%s-%d: %s; re-truncating", p.topic, p.partition, exc)
+            return False
+        return True
+
+
+def _error(code: int, message: str) -> DlogError:
+    return error_from_wire(code, message)
+
+
+def _produce_error(topic: str, partition: int, exc: DlogError) -> ProducePartitionResult:
+    return ProducePartitionResult(
+        topic=topic,
+        partition=partition,
+        error_code=int(exc.code),
+        error_message=exc.message,
+        leader=exc.details.get("leader"),
+        leader_epoch=exc.details.get("leader_epoch", NO_EPOCH),
+    )
+
+
+def _fetch_error(fp: FetchPartition, exc: DlogError) -> FetchPartitionResult:
+    return FetchPartitionResult(
+        topic=fp.topic,
+        partition=fp.partition,
+        error_code=int(exc.code),
+        error_message=exc.message,
+        log_start_offset=exc.details.get("log_start_offset", -1),
+        log_end_offset=exc.details.get("log_end_offset", -1),
+        leader=exc.details.get("leader"),
+        leader_epoch=exc.details.get("leader_epoch", NO_EPOCH),
+    )

@@ -1,0 +1,485 @@
+"""The RPC client: pipelined connections and a pool with one connection per address.
+
+Ownership: :func:`open_rpc_pool` is an async context manager that owns a nursery;
+every connection's reader and writer tasks live there and end when the block exits.
+A connection pipelines any number of requests (bounded by ``max_in_flight``);
+responses are matched by correlation id and may arrive in any order.
+
+Failure behaviour:
+
+- A call that gets no response within its timeout raises RequestTimedOutError
+  (retriable); a response that arrives later is dropped.
+- When a connection drops, every call in flight on it fails with NetworkError
+  (retriable): the request may or may not have been handled.
+- Connecting to an address that failed recently waits out an exponential backoff with
+  jitter (bounded by the call's own timeout) before trying again.
+- A caller cancelled while waiting leaves the connection usable.
+
+The pool's :class:`FaultInjector` is a test hook: a blocked address behaves like a cut
+network link (calls fail with NetworkError, open connections to it are closed).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from dlog.errors import (
+    DlogError,
+    NetworkError,
+    ProtocolError,
+    RequestTimedOutError,
+    error_from_wire,
+)
+from dlog.net.address import parse_address
+from dlog.net.framing import DEFAULT_MAX_FRAME_BYTES, NEED_DATA, Frame, FrameDecoder, encode_header
+from dlog.net.messages import Message, Operation, from_body, operation_of, payload_length, to_body
+from dlog.net.writer import FrameWriter
+
+log = logging.getLogger(__name__)
+
+_M = TypeVar("_M", bound=Message)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    connect_timeout_s: float = 5.0
+    #: Default per-call timeout (covers connecting, sending and waiting).
+    request_timeout_s: float = 30.0
+    reconnect_backoff_s: float = 0.05
+    reconnect_backoff_max_s: float = 1.0
+    #: Calls in flight per connection before ``start_call`` waits.
+    max_in_flight: int = 4096
+    max_outbox_bytes: int = 64 * 1024 * 1024
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    receive_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if self.connect_timeout_s <= 0 or self.request_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        if not 0 < self.reconnect_backoff_s <= self.reconnect_backoff_max_s:
+            raise ValueError("need 0 < reconnect_backoff_s <= reconnect_backoff_max_s")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+
+
+class PendingCall:
+    """A request that was sent and whose response has not been awaited yet.
+
+    It resolves exactly once: with the response, the server's error, NetworkError
+    when the connection drops, or RequestTimedOutError at its deadline.
+    """
+
+    __slots__ = ("_conn", "_done", "_error", "_event", "_response", "cid", "deadline", "op")
+
+    def __init__(self, conn: RpcConnection, cid: int, op: Operation, deadline: float) -> None:
+        self._conn = conn
+        self.cid = cid
+        self.op = op
+        self.deadline = deadline
+        self._done = False
+        # Made only when someone waits before the response is in: a pipelining
+        # caller that collects finished calls never pays for one.
+        self._event: trio.Event | None = None
+        self._response: Message | None = None
+        self._error: DlogError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def _resolve(self, response: Message | None, error: DlogError | None) -> None:
+        if self._done:
+            return
+        self._response, self._error = response, error
+        self._done = True
+        if self._event is not None:
+            self._event.set()
+
+    async def result(self) -> Message:
+        """Wait for the response; raises the server's error, NetworkError or
+        RequestTimedOutError.
+
+        When the response is already there this returns without a checkpoint, so a
+        loop that drains finished calls and starts new ones does so in one scheduling
+        step and its requests leave in one write.
+        """
+        if not self._done:
+            if self._event is None:
+                self._event = trio.Event()
+            try:
+                await self._event.wait()
+            except BaseException:
+                self._conn._forget(self)
+                raise
+        if self._error is not None:
+            raise self._error
+        assert self._response is not None
+        return self._response
+
+    def forget(self) -> None:
+        """Drop interest in the response; a late one is discarded."""
+        self._conn._forget(self)
+
+
+class RpcConnection:
+    """One client connection. Run :meth:`run` in a nursery; then ``call`` from any task."""
+
+    def __init__(self, stream: trio.abc.Stream, address: str, config: ClientConfig) -> None:
+        self.address = address
+        self.config = config
+        self._stream = stream
+        self._writer = FrameWriter(stream, max_outbox_bytes=config.max_outbox_bytes)
+        self._decoder = FrameDecoder(max_frame_bytes=config.max_frame_bytes)
+        self._pending: dict[int, PendingCall] = {}
+        self._cids = itertools.count(1)
+        # Deadlines without a cancel scope per call (those cost more than the rest of a
+        # call): calls sharing a timeout value expire in the order they were made, so
+        # one FIFO per value is sorted; the timer task sleeps until the earliest head.
+        self._expiry: dict[float, collections.deque[PendingCall]] = {}
+        self._timer_target = math.inf
+        self._timer_wake = trio.Event()
+        self._slot_free = trio.Event()
+        self._cancel_scope = trio.CancelScope()
+        self._closed_reason: str | None = None
+        self.closed = trio.Event()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed_reason is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def close(self, reason: str = "closed by client") -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        self._cancel_scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read responses and write requests until the connection ends or is closed.
+
+        On the way out, fails every pending call with NetworkError and closes the stream.
+        """
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_loop)
+                    nursery.start_soon(self._expire_loop)
+                    task_status.started()
+                    await self._read_loop()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self._closed_reason is None:
+                self._closed_reason = "connection closed by peer"
+            error = f"connection to {self.address} lost: {self._closed_reason}"
+            pending, self._pending = self._pending, {}
+            for call in pending.values():
+                call._resolve(None, NetworkError(error, address=self.address))
+            self._slot_free.set()
+            self.closed.set()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self._stream.aclose()
+
+    async def _write_loop(self) -> None:
+        await self._writer.run()
+        self.close("write failed")
+
+    async def _expire_loop(self) -> None:
+        while True:
+            now = trio.current_time()
+            target = math.inf
+            for timeout, queue in list(self._expiry.items()):
+                while queue and (queue[0].done or queue[0].deadline <= now):
+                    call = queue.popleft()
+                    if not call.done:
+                        self._expire(call, timeout)
+                if queue:
+                    target = min(target, queue[0].deadline)
+                else:
+                    del self._expiry[timeout]
+            self._timer_target = target
+            with trio.move_on_at(target):
+                await self._timer_wake.wait()
+            self._timer_wake = trio.Event()
+
+    def _expire(self, call: PendingCall, timeout: float) -> None:
+        self._forget(call)
+        call._resolve(
+            None,
+            RequestTimedOutError(
+                f"{call.op.name} to {self.address} timed out after {timeout:g}s",
+                address=self.address,
+            ),
+        )
+
+    async def _read_loop(self) -> None:
+        receive_bytes = self.config.receive_bytes
+        while True:
+            try:
+                data = await self._stream.receive_some(receive_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._closed_reason = f"read failed: {exc}"
+                return
+            if not data:
+                return
+            try:
+                self._decoder.receive_data(data)
+                while True:
+                    frame = self._decoder.next_frame()
+                    if frame is NEED_DATA:
+                        break
+                    assert isinstance(frame, Frame)
+                    self._on_frame(frame)
+            except ProtocolError as exc:
+                log.warning("bad response stream from %s: %s", self.address, exc)
+                self._closed_reason = f"protocol error: {exc}"
+                return
+
+    def _on_frame(self, frame: Frame) -> None:
+        header = frame.header
+        cid = header.get("i")
+        if type(cid) is not int:
+            raise ProtocolError("response without an integer correlation id")
+        call = self._pending.pop(cid, None)
+        if call is None:
+            return  # the caller timed out or was cancelled
+        self._slot_free.set()
+        err = header.get("e")
+        if err is not None:
+            if not isinstance(err, dict):
+                call._resolve(None, ProtocolError("malformed error in response"))
+                return
+            code = err.get("code", -1)
+            details = err.get("details")
+            call._resolve(
+                None,
+                error_from_wire(
+                    code if type(code) is int else -1,
+                    str(err.get("message", "")),
+                    details if isinstance(details, dict) else None,
+                ),
+            )
+            return
+        try:
+            response = from_body(call.op.response, header.get("b", {}), frame.payload)
+        except ProtocolError as exc:
+            call._resolve(None, exc)
+            return
+        call._resolve(response, None)
+
+    def _forget(self, call: PendingCall) -> None:
+        if self._pending.pop(call.cid, None) is not None:
+            self._slot_free.set()
+
+    async def start_call(self, request: Message, *, timeout: float | None = None) -> PendingCall:
+        """Send ``request`` and return at once; await ``.result()`` for the response.
+
+        The call fails with RequestTimedOutError ``timeout`` seconds from now (default
+        ``config.request_timeout_s``). Waits only while ``max_in_flight`` calls are
+        outstanding on this connection.
+        """
+        op = operation_of(request)
+        while len(self._pending) >= self.config.max_in_flight and not self.is_closed:
+            self._slot_free = trio.Event()
+            await self._slot_free.wait()
+        if self.is_closed:
+            raise NetworkError(
+                f"connection to {self.address} lost: {self._closed_reason}", address=self.address
+            )
+        limit = self.config.request_timeout_s if timeout is None else timeout
+        cid = next(self._cids)
+        call = PendingCall(self, cid, op, trio.current_time() + limit)
+        header: dict[str, Any] = {"i": cid, "o": op.name, "b": to_body(request)}
+        if op.version:
+            header["v"] = op.version
+        payload = request.payload
+        size = payload_length(payload)
+        head = encode_header(header, size)
+        self._pending[cid] = call
+        # Alone on the connection: write at once (latency). Pipelining: let the
+        # writer task batch this with the calls around it (throughput).
+        alone = len(self._pending) == 1
+        try:
+            if not size:
+                await self._writer.enqueue(head, write_now=alone)
+            elif isinstance(payload, bytes | bytearray | memoryview):
+                await self._writer.enqueue(head, payload, write_now=alone)
+            else:
+                await self._writer.enqueue(head, *payload, write_now=alone)
+        except trio.BrokenResourceError:
+            self._pending.pop(cid, None)
+            raise NetworkError(f"connection to {self.address} lost", address=self.address) from None
+        except BaseException:
+            self._pending.pop(cid, None)
+            raise
+        queue = self._expiry.get(limit)
+        if queue is None:
+            queue = self._expiry[limit] = collections.deque()
+        queue.append(call)
+        if call.deadline < self._timer_target:
+            self._timer_wake.set()
+        return call
+
+    async def call(self, request: Message, *, timeout: float | None = None) -> Message:
+        """Send ``request`` and wait for its response (RequestTimedOutError after timeout)."""
+        call = await self.start_call(request, timeout=timeout)
+        return await call.result()
+
+
+class FaultInjector:
+    """Test hook on a pool: blocked addresses act as if the network to them were cut."""
+
+    def __init__(self, pool: RpcPool) -> None:
+        self._pool = pool
+        self._blocked: set[str] = set()
+        self.block_everything = False
+
+    def is_blocked(self, address: str) -> bool:
+        return self.block_everything or address in self._blocked
+
+    def block(self, *addresses: str) -> None:
+        for address in addresses:
+            self._blocked.add(address)
+            self._pool.disconnect(address, reason="blocked by fault injection")
+
+    def block_all(self) -> None:
+        self.block_everything = True
+        for address in list(self._pool._connections):
+            self._pool.disconnect(address, reason="blocked by fault injection")
+
+    def heal(self) -> None:
+        self._blocked.clear()
+        self.block_everything = False
+
+
+@dataclass(slots=True)
+class _Backoff:
+    failures: int = 0
+    next_attempt: float = -math.inf
+
+
+class RpcPool:
+    """One pooled connection per address. Create it with :func:`open_rpc_pool`."""
+
+    def __init__(self, nursery: trio.Nursery, config: ClientConfig, rng: random.Random) -> None:
+        self.config = config
+        self._nursery = nursery
+        self._rng = rng
+        self._connections: dict[str, RpcConnection] = {}
+        self._connecting: dict[str, trio.Lock] = {}
+        self._backoff: dict[str, _Backoff] = {}
+        self.faults = FaultInjector(self)
+
+    async def call(
+        self, address: str, request: Message, *, timeout: float | None = None
+    ) -> Message:
+        """Send ``request`` to ``address`` and wait for its response.
+
+        ``timeout`` (default ``config.request_timeout_s``) covers waiting out a
+        reconnect backoff and the response; connecting itself is bounded by
+        ``connect_timeout_s``. Raises the server's error, NetworkError or
+        RequestTimedOutError.
+        """
+        limit = self.config.request_timeout_s if timeout is None else timeout
+        deadline = trio.current_time() + limit
+        conn = await self.connection(address, deadline=deadline)
+        call = await conn.start_call(request, timeout=max(0.0, deadline - trio.current_time()))
+        return await call.result()
+
+    async def call_typed(
+        self,
+        address: str,
+        request: Message,
+        response_type: type[_M],
+        *,
+        timeout: float | None = None,
+    ) -> _M:
+        """:meth:`call`, checking that the response has the expected type."""
+        response = await self.call(address, request, timeout=timeout)
+        if not isinstance(response, response_type):
+            raise ProtocolError(f"expected {response_type.__name__}, got {type(response).__name__}")
+        return response
+
+    async def connection(self, address: str, *, deadline: float = math.inf) -> RpcConnection:
+        """The open connection to ``address``, connecting (with backoff) if needed.
+
+        If the reconnect backoff ends after ``deadline``, waits until the deadline and
+        raises RequestTimedOutError.
+        """
+        if self.faults.is_blocked(address):
+            raise NetworkError(
+                f"{address} unreachable (blocked by fault injection)", address=address
+            )
+        conn = self._connections.get(address)
+        if conn is not None and not conn.is_closed:
+            return conn
+        lock = self._connecting.setdefault(address, trio.Lock())
+        async with lock:
+            conn = self._connections.get(address)
+            if conn is not None and not conn.is_closed:
+                return conn
+            backoff = self._backoff.setdefault(address, _Backoff())
+            if backoff.next_attempt > deadline:
+                await trio.sleep_until(deadline)
+                raise RequestTimedOutError(
+                    f"{address} is backing off after failed connects", address=address
+                )
+            await trio.sleep_until(backoff.next_attempt)
+            try:
+                stream = await self._open_stream(address)
+            except (OSError, trio.TooSlowError, DlogError) as exc:
+                backoff.failures += 1
+                delay = min(
+                    self.config.reconnect_backoff_max_s,
+                    self.config.reconnect_backoff_s * 2 ** (backoff.failures - 1),
+                )
+                backoff.next_attempt = trio.current_time() + delay * self._rng.uniform(0.8, 1.2)
+                if isinstance(exc, DlogError):
+                    raise
+                raise NetworkError(f"cannot connect to {address}: {exc}", address=address) from None
+            backoff.failures = 0
+            backoff.next_attempt = -math.inf
+            conn = RpcConnection(stream, address, self.config)
+            await self._nursery.start(conn.run)
+            self._connections[address] = conn
+            return conn
+
+    async def _open_stream(self, address: str) -> trio.abc.Stream:
+        host, port = parse_address(address)
+        with trio.fail_after(self.config.connect_timeout_s):
+            return await trio.open_tcp_stream(host, port)
+
+    def disconnect(self, address: str, *, reason: str = "closed by client") -> None:
+        """Close the connection to ``address`` (its in-flight calls fail)."""
+        conn = self._connections.pop(address, None)
+        if conn is not None:
+            conn.close(reason)
+
+    def close(self) -> None:
+        for address in list(self._connections):
+            self.disconnect(address)
+
+
+@asynccontextmanager
+async def open_rpc_pool(
+    config: ClientConfig | None = None, *, rng: random.Random | None = None
+) -> AsyncIterator[RpcPool]:
+    """A connection pool whose connections live exactly as long as the ``async with``."""
+    async with trio.open_nursery() as nursery:
+        pool = RpcPool(nursery, config or ClientConfig(), rng or random.Random())
+        try:
+            yield pool
+        finally:
+            pool.close()
+            nursery.cancel_scope.cancel()

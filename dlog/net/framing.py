@@ -1,0 +1,233 @@
+"""Sans-I/O framing: bytes in, frames out; frames in, bytes out.
+
+A frame on the wire::
+
+    u32 big-endian header_length | CBOR header (a map), header_length bytes | payload
+
+The header's key ``"p"`` says how many raw payload bytes follow it (absent means 0).
+Record batches travel as the payload, so bulk data never passes through cbor2.
+
+Header keys (kept to one letter: they are encoded for every request):
+
+- ``"i"``: correlation id (int), on every request and response.
+- ``"o"``: operation name (str), on requests.
+- ``"v"``: message version (int), on requests.
+- ``"b"``: message body (map), on requests and successful responses.
+- ``"e"``: error (map: code, message, details), on failed responses.
+- ``"p"``: payload length in bytes.
+
+:class:`FrameDecoder` never buffers more than one frame of ``max_frame_bytes`` plus
+what it was fed beyond it, and raises only :class:`~dlog.errors.ProtocolError`. After
+an error the decoder is unusable; the connection must be closed.
+
+This module imports neither trio nor socket.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+import cbor2
+
+from dlog.errors import MessageTooLargeError, ProtocolError
+
+_U32: Final = struct.Struct(">I")
+PREFIX_BYTES: Final = 4
+DEFAULT_MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_MAX_HEADER_BYTES: Final = 1024 * 1024
+
+
+class _NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+#: Returned by :meth:`FrameDecoder.next_frame` when no whole frame is buffered yet.
+NEED_DATA: Final = _NeedData.NEED_DATA
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame: the CBOR header (a dict) and the raw payload."""
+
+    header: dict[Any, Any]
+    payload: bytes
+
+
+class FrameTooLargeError(ProtocolError, MessageTooLargeError):
+    """A frame (or its header) is larger than the configured maximum.
+
+    ``details`` may hold ``correlation_id`` when the header could still be read, so
+    the server can answer before it closes the connection.
+    """
+
+
+def encode_header(header: dict[str, Any], payload_length: int = 0) -> bytes:
+    """The prefix and CBOR header of a frame whose payload follows separately.
+
+    Sets ``header["p"]`` when there is a payload. The caller sends the returned
+    bytes, then the payload chunks, with nothing between.
+    """
+    if payload_length:
+        header["p"] = payload_length
+    encoded = cbor2.dumps(header)
+    return _U32.pack(len(encoded)) + encoded
+
+
+def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    """A whole frame as one bytes object (for small payloads and tests)."""
+    return encode_header(header, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Turns a byte stream, fed in arbitrary chunks, into frames.
+
+    ``receive_data(chunk)`` appends; ``next_frame()`` returns a :class:`Frame` or
+    :data:`NEED_DATA`. A frame whose declared size exceeds ``max_frame_bytes`` (or
+    whose header exceeds ``max_header_bytes``) raises :class:`FrameTooLargeError`
+    before its bytes are buffered; a malformed header raises ProtocolError.
+
+    Buffering: small frames are parsed straight out of the chunk they arrived in (no
+    copy into a buffer); the payload of a large frame that spans many chunks is
+    collected as a list of chunks and joined once, so it is copied exactly once.
+    """
+
+    __slots__ = (
+        "_broken",
+        "_buf",
+        "_header",
+        "_parts",
+        "_parts_len",
+        "_payload_len",
+        "_pos",
+        "max_frame_bytes",
+        "max_header_bytes",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    ) -> None:
+        if max_frame_bytes < 16 or max_header_bytes < 16:
+            raise ValueError("max_frame_bytes and max_header_bytes must be at least 16")
+        self.max_frame_bytes = max_frame_bytes
+        self.max_header_bytes = min(max_header_bytes, max_frame_bytes)
+        # Unparsed bytes are self._buf[self._pos:].
+        self._buf: bytes = b""
+        self._pos = 0
+        # A frame whose header is decoded but whose payload is still arriving: its
+        # payload so far is self._parts (self._parts_len bytes of self._payload_len).
+        self._header: dict[Any, Any] | None = None
+        self._parts: list[bytes] = []
+        self._parts_len = 0
+        self._payload_len = 0
+        self._broken = False
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet returned as part of a frame."""
+        return len(self._buf) - self._pos + self._parts_len
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._broken:
+            raise ProtocolError("decoder used after a protocol error")
+        if not data:
+            return
+        if self._header is not None:
+            self._parts.append(bytes(data))
+            self._parts_len += len(self._parts[-1])
+        elif self._pos >= len(self._buf):
+            self._buf = bytes(data)
+            self._pos = 0
+        else:
+            self._buf = self._buf[self._pos :] + bytes(data)
+            self._pos = 0
+
+    def next_frame(self) -> Frame | _NeedData:
+        if self._broken:
+            raise ProtocolError("decoder used after a protocol error")
+        try:
+            if self._header is not None:
+                return self._finish_payload()
+            return self._next_frame()
+        except ProtocolError:
+            self._broken = True
+            raise
+
+    def _finish_payload(self) -> Frame | _NeedData:
+        if self._parts_len < self._payload_len:
+            return NEED_DATA
+        header = self._header
+        assert header is not None
+        parts = self._parts
+        extra = self._parts_len - self._payload_len
+        if extra:
+            # The last chunk also holds the start of what follows: split it, so the
+            # payload is still copied only once (by the join).
+            last = parts[-1]
+            parts[-1] = last[: len(last) - extra]
+            self._buf = last[len(last) - extra :]
+        else:
+            self._buf = b""
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._pos = 0
+        self._header = None
+        self._parts = []
+        self._parts_len = 0
+        return Frame(header, payload)
+
+    def _next_frame(self) -> Frame | _NeedData:
+        buf = self._buf
+        pos = self._pos
+        available = len(buf) - pos
+        if available < PREFIX_BYTES:
+            return NEED_DATA
+        (header_len,) = _U32.unpack_from(buf, pos)
+        if header_len > self.max_header_bytes:
+            raise FrameTooLargeError(
+                f"frame header of {header_len} bytes exceeds {self.max_header_bytes}"
+            )
+        if header_len == 0:
+            raise ProtocolError("empty frame header")
+        header_end = pos + PREFIX_BYTES + header_len
+        if len(buf) < header_end:
+            return NEED_DATA
+        header = self._decode_header(buf, pos + PREFIX_BYTES, header_end)
+        payload_len = header.get("p", 0)
+        if type(payload_len) is not int or payload_len < 0:
+            raise ProtocolError("frame header 'p' must be a non-negative integer")
+        if PREFIX_BYTES + header_len + payload_len > self.max_frame_bytes:
+            cid = header.get("i")
+            details = {"correlation_id": cid} if type(cid) is int else {}
+            raise FrameTooLargeError(
+                f"frame of {PREFIX_BYTES + header_len + payload_len} bytes exceeds "
+                f"{self.max_frame_bytes}",
+                **details,
+            )
+        frame_end = header_end + payload_len
+        if len(buf) >= frame_end:
+            self._pos = frame_end
+            payload = buf[header_end:frame_end] if payload_len else b""
+            return Frame(header, payload)
+        # The payload continues in later chunks: collect them, join once.
+        self._header = header
+        self._payload_len = payload_len
+        self._parts = [buf[header_end:]]
+        self._parts_len = len(buf) - header_end
+        self._buf = b""
+        self._pos = 0
+        return NEED_DATA
+
+    @staticmethod
+    def _decode_header(buf: bytes, start: int, end: int) -> dict[Any, Any]:
+        try:
+            header = cbor2.loads(buf[start:end])
+        except Exception as exc:  # cbor2 raises several types for bad input
+            raise ProtocolError(f"undecodable frame header: {exc}") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("frame header is not a map")
+        return header

@@ -1,0 +1,326 @@
+"""Message types: frozen dataclasses, a registry of operations, and their CBOR codec.
+
+Every request and response is a :class:`Message` subclass declared as
+``@dataclass(frozen=True, slots=True, kw_only=True)``. Each message has a ``payload``
+(raw bytes that ride after the CBOR header, never through cbor2); all other fields
+travel in the header's body map. Nested values are :class:`Struct` subclasses (also
+frozen dataclasses), lists/tuples of them, or plain CBOR values.
+
+An operation is registered once with :func:`register`, naming its request and response
+types and the highest version this build speaks::
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class EchoRequest(Message):
+        data: str = ""
+
+    register("echo", EchoRequest, EchoResponse)
+
+Decoding ignores unknown fields (newer peers may add some) and raises
+:class:`~dlog.errors.ProtocolError` for missing required fields or values of the wrong
+shape, so a malformed message is an error response, never a crash.
+
+Layers above register their own operations (Raft's messages in ``dlog.raft``, the
+client protocol in :mod:`dlog.net.protocol`); this module knows none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, Union
+
+from dlog.errors import ProtocolError, UnsupportedVersionError
+
+#: A payload as a handler may return it: one buffer or several chunks (e.g. file
+#: slices) that are written one after another without being joined.
+Payload = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Struct:
+    """A nested value inside a message body."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """Base of every request and response. ``payload`` travels raw after the header."""
+
+    payload: Payload = b""
+
+
+def payload_length(payload: Payload) -> int:
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return memoryview(payload).nbytes
+    return sum(memoryview(chunk).nbytes for chunk in payload)
+
+
+def payload_bytes(payload: Payload) -> bytes:
+    """The payload as one bytes object (joins chunks; for tests and small payloads)."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, bytearray | memoryview):
+        return bytes(payload)
+    return b"".join(payload)
+
+
+# --- codec -----------------------------------------------------------------------
+
+_Encoder = Callable[[Any], Any]
+_Decoder = Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldPlan:
+    name: str
+    required: bool
+    encode: _Encoder | None  # None: the value is already CBOR-ready
+    decode: _Decoder | None
+
+
+_PLANS: dict[type, tuple[_FieldPlan, ...]] = {}
+
+
+def _converters(tp: Any) -> tuple[_Encoder | None, _Decoder | None]:
+    """How to turn a field of type ``tp`` into CBOR values and back."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, Struct):
+        return _encode_struct, _struct_decoder(tp)
+    if origin in (list, tuple, Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if len(args) == 1:
+            enc, dec = _converters(args[0])
+            make: Callable[[Any], Any] = tuple if origin is tuple else list
+            if enc is None and dec is None:
+                return None, _sequence_checker(make)
+            return _sequence_encoder(enc), _sequence_decoder(dec, make)
+        return None, None
+    if origin is dict:
+        _key_t, val_t = typing.get_args(tp)
+        enc, dec = _converters(val_t)
+        if enc is None and dec is None:
+            return None, _mapping_checker
+        return _mapping_encoder(enc), _mapping_decoder(dec)
+    if origin in (Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) == 1:
+            enc, dec = _converters(members[0])
+            if enc is None and dec is None:
+                return None, None
+            return _optional(enc), _optional(dec)
+        return None, None
+    return None, None
+
+
+def _optional(fn: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        return None if value is None or fn is None else fn(value)
+
+    return convert
+
+
+def _encode_struct(value: Any) -> dict[str, Any]:
+    return to_body(value)
+
+
+def _struct_decoder(cls: type) -> _Decoder:
+    def decode(value: Any) -> Any:
+        return from_body(cls, value)
+
+    return decode
+
+
+def _sequence_encoder(enc: _Encoder | None) -> _Encoder:
+    def encode(value: Any) -> Any:
+        if enc is None:
+            return list(value)
+        return [enc(item) for item in value]
+
+    return encode
+
+
+def _sequence_decoder(dec: _Decoder | None, make: Callable[[Any], Any]) -> _Decoder:
+    def decode(value: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            raise ProtocolError(f"expected an array, got {type(value).__name__}")
+        if dec is None:
+            return make(value)
+        return make(dec(item) for item in value)
+
+    return decode
+
+
+def _sequence_checker(make: Callable[[Any], Any]) -> _Decoder:
+    def decode(value: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            raise ProtocolError(f"expected an array, got {type(value).__name__}")
+        return value if make is list and isinstance(value, list) else make(value)
+
+    return decode
+
+
+def _mapping_encoder(enc: _Encoder | None) -> _Encoder:
+    def encode(value: Any) -> Any:
+        return {k: (v if enc is None else enc(v)) for k, v in value.items()}
+
+    return encode
+
+
+def _mapping_decoder(dec: _Decoder | None) -> _Decoder:
+    def decode(value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"expected a map, got {type(value).__name__}")
+        return {k: (v if dec is None else dec(v)) for k, v in value.items()}
+
+    return decode
+
+
+def _mapping_checker(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"expected a map, got {type(value).__name__}")
+    return value
+
+
+def _plan(cls: type) -> tuple[_FieldPlan, ...]:
+    plan = _PLANS.get(cls)
+    if plan is not None:
+        return plan
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name == "payload":
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        enc, dec = _converters(hints[f.name])
+        fields.append(_FieldPlan(f.name, required, enc, dec))
+    plan = tuple(fields)
+    _PLANS[cls] = plan
+    return plan
+
+
+def to_body(value: Any) -> dict[str, Any]:
+    """A message's or struct's fields (not its payload) as a CBOR-ready dict."""
+    body: dict[str, Any] = {}
+    for f in _plan(type(value)):
+        v = getattr(value, f.name)
+        body[f.name] = v if f.encode is None or v is None else f.encode(v)
+    return body
+
+
+_T = TypeVar("_T")
+
+
+def from_body(cls: type[_T], body: Any, payload: bytes = b"") -> _T:
+    """Build ``cls`` from a decoded body; unknown keys are ignored."""
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{cls.__name__}: body is not a map")
+    kwargs: dict[str, Any] = {}
+    for f in _plan(cls):
+        if f.name in body:
+            v = body[f.name]
+            kwargs[f.name] = v if f.decode is None or v is None else f.decode(v)
+        elif f.required:
+            raise ProtocolError(f"{cls.__name__}: missing required field {f.name!r}")
+    if payload and issubclass(cls, Message):
+        kwargs["payload"] = payload
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+
+
+# --- registry --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One registered operation: its name, types and the highest version we speak."""
+
+    name: str
+    request: type[Message]
+    response: type[Message]
+    version: int
+
+
+_BY_NAME: dict[str, Operation] = {}
+_BY_REQUEST: dict[type, Operation] = {}
+
+
+def register(
+    name: str, request: type[Message], response: type[Message], *, version: int = 0
+) -> Operation:
+    """Register an operation; registering the same one twice is allowed, a clash is not."""
+    op = Operation(name, request, response, version)
+    existing = _BY_NAME.get(name)
+    if existing is not None and existing != op:
+        raise ValueError(f"operation {name!r} is already registered as {existing}")
+    if request in _BY_REQUEST and _BY_REQUEST[request].name != name:
+        raise ValueError(f"{request.__name__} is already the request of another operation")
+    _BY_NAME[name] = op
+    _BY_REQUEST[request] = op
+    _plan(request)
+    _plan(response)
+    return op
+
+
+def operation(name: str) -> Operation:
+    """The operation registered under ``name``; ProtocolError when unknown."""
+    op = _BY_NAME.get(name)
+    if op is None:
+        raise ProtocolError(f"unknown operation {name!r}")
+    return op
+
+
+def operation_of(request: Message) -> Operation:
+    op = _BY_REQUEST.get(type(request))
+    if op is None:
+        raise TypeError(f"{type(request).__name__} is not a registered request type")
+    return op
+
+
+def operations() -> dict[str, Operation]:
+    """Every registered operation by name."""
+    return dict(_BY_NAME)
+
+
+def check_version(op: Operation, version: Any) -> None:
+    if type(version) is not int or version < 0:
+        raise ProtocolError(f"{op.name}: version must be a non-negative integer")
+    if version > op.version:
+        raise UnsupportedVersionError(
+            f"{op.name} v{version} is newer than this node speaks (v{op.version})",
+            operation=op.name,
+            max_version=op.version,
+        )
+
+
+# --- built-in diagnostic operations ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EchoRequest(Message):
+    """Returns its data and payload; used by health checks and bench/rpc.py."""
+
+    data: Any = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EchoResponse(Message):
+    data: Any = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiVersionsRequest(Message):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiVersionsResponse(Message):
+    #: operation name -> highest version the server speaks, for handled operations.
+    operations: dict[str, int]
+
+
+register("echo", EchoRequest, EchoResponse)
+register("api_versions", ApiVersionsRequest, ApiVersionsResponse)

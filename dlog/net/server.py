@@ -1,0 +1,392 @@
+"""The trio RPC server: framed, pipelined requests dispatched to a handler table.
+
+Ownership: :meth:`RpcServer.run` opens its own nursery holding the listeners and one
+task (with its own nursery) per connection. Each connection has a reader loop, a
+writer task, and one task per in-flight *concurrent* request. Cancelling ``run``
+closes every connection; :meth:`RpcServer.drain` first lets in-flight requests finish
+(bounded), answering new ones with BROKER_NOT_AVAILABLE.
+
+Routing: a handler is ``async def handler(request) -> response``. A :class:`Route`
+marked ``inline=True`` is awaited in the connection's read loop (no task spawn: use it
+for handlers that never block for long, e.g. metadata or a local append); others run
+in their own task, so a long-polling fetch does not hold up the requests behind it and
+responses may go out in a different order than requests came in.
+
+Bad input never crashes the server or touches another connection: a malformed frame,
+an oversize frame or an unknown operation gets an error response (when a correlation id
+can be read) and the connection is closed; a handler's exception becomes an error
+response (DlogError as itself, anything else as UNKNOWN_SERVER_ERROR, logged).
+
+Backpressure: at most ``max_in_flight`` requests per connection are being handled and
+at most ``max_outbox_bytes`` of responses wait to be written; past either, the server
+stops reading that connection, so TCP pushes back on the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import trio
+
+from dlog.errors import (
+    BrokerNotAvailableError,
+    DlogError,
+    ProtocolError,
+    UnknownServerError,
+    UnsupportedVersionError,
+)
+from dlog.net.framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    NEED_DATA,
+    Frame,
+    FrameDecoder,
+    encode_header,
+)
+from dlog.net.messages import (
+    ApiVersionsRequest,
+    ApiVersionsResponse,
+    EchoRequest,
+    EchoResponse,
+    Message,
+    Operation,
+    check_version,
+    from_body,
+    operation,
+    payload_length,
+    to_body,
+)
+from dlog.net.writer import FrameWriter
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], Awaitable[Message]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A handler and how to run it (see the module docstring for ``inline``)."""
+
+    handler: Handler
+    inline: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    #: Requests handled at once per connection before the server stops reading it.
+    max_in_flight: int = 1024
+    #: Response bytes waiting to be written before the server stops reading.
+    max_outbox_bytes: int = 64 * 1024 * 1024
+    #: A connection with no request in flight and no traffic for this long is closed.
+    idle_timeout_s: float = 600.0
+    #: How long ``drain`` waits for in-flight requests (callers may pass their own).
+    drain_timeout_s: float = 5.0
+    receive_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        if self.max_outbox_bytes < 1 or self.receive_bytes < 1024:
+            raise ValueError("max_outbox_bytes must be >= 1 and receive_bytes >= 1024")
+        if self.idle_timeout_s <= 0 or self.drain_timeout_s < 0:
+            raise ValueError("idle_timeout_s must be > 0 and drain_timeout_s >= 0")
+
+
+@dataclass(slots=True)
+class ServerStats:
+    connections_accepted: int = 0
+    connections_open: int = 0
+    requests: int = 0
+    error_responses: int = 0
+    protocol_errors: int = 0
+    handler_crashes: int = 0
+
+
+class RpcServer:
+    """Serves a handler table over TCP (``run``) or over any trio stream (``serve_stream``).
+
+    ``routes`` maps operation names (registered with :func:`dlog.net.messages.register`)
+    to handlers or :class:`Route` objects. ``echo`` and ``api_versions`` are built in.
+    """
+
+    def __init__(
+        self,
+        routes: Mapping[str, Handler | Route],
+        *,
+        config: ServerConfig | None = None,
+        name: str = "rpc",
+    ) -> None:
+        self.config = config or ServerConfig()
+        self.name = name
+        self.stats = ServerStats()
+        self._routes: dict[str, tuple[Operation, Route]] = {}
+        builtin: dict[str, Handler | Route] = {
+            "echo": Route(_echo, inline=True),
+            "api_versions": Route(self._api_versions, inline=True),
+        }
+        for op_name, route in {**builtin, **routes}.items():
+            op = operation(op_name)
+            self._routes[op_name] = (op, route if isinstance(route, Route) else Route(route))
+        self._draining = False
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._cancel_scope: trio.CancelScope | None = None
+        #: Test hook: while set, new connections are closed at once and open ones are
+        #: dropped, as if the network to this server were cut.
+        self.refuse_connections = False
+        self._connections: set[_ServerConnection] = set()
+
+    async def run(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` (0 picks a free port) and serve until cancelled.
+
+        ``task_status.started(bound_port)`` once listening.
+        """
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound_port: int = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            self._cancel_scope = nursery.cancel_scope
+            await nursery.start(
+                partial(trio.serve_listeners, self.serve_stream, listeners, handler_nursery=nursery)
+            )
+            log.debug("%s listening on %s:%d", self.name, host, bound_port)
+            task_status.started(bound_port)
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection until the peer closes it, it breaks, or we are cancelled.
+
+        Closes ``stream`` on the way out, whatever happens.
+        """
+        conn = _ServerConnection(self, stream)
+        self._connections.add(conn)
+        self.stats.connections_accepted += 1
+        self.stats.connections_open += 1
+        try:
+            if self.refuse_connections:
+                return
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+            self.stats.connections_open -= 1
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop taking requests, wait for in-flight ones, then stop serving.
+
+        New requests get BROKER_NOT_AVAILABLE (retriable) meanwhile. Returns whether
+        every in-flight request finished within the timeout.
+        """
+        self._draining = True
+        finished = False
+        with trio.move_on_after(self.config.drain_timeout_s if timeout_s is None else timeout_s):
+            await self._idle.wait()
+            finished = True
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+        return finished
+
+    def drop_connections(self) -> None:
+        """Close every open connection (a test hook for a network cut)."""
+        for conn in list(self._connections):
+            conn.close()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _request_started(self) -> None:
+        if self._in_flight == 0:
+            self._idle = trio.Event()
+        self._in_flight += 1
+
+    def _request_finished(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def _api_versions(self, request: ApiVersionsRequest) -> ApiVersionsResponse:
+        return ApiVersionsResponse(
+            operations={name: op.version for name, (op, _) in self._routes.items()}
+        )
+
+
+async def _echo(request: EchoRequest) -> EchoResponse:
+    return EchoResponse(data=request.data, payload=request.payload)
+
+
+class _ServerConnection:
+    """One accepted connection: reader loop (this task), writer task, handler tasks."""
+
+    def __init__(self, server: RpcServer, stream: trio.abc.Stream) -> None:
+        self.server = server
+        self.stream = stream
+        cfg = server.config
+        self.decoder = FrameDecoder(max_frame_bytes=cfg.max_frame_bytes)
+        self.writer = FrameWriter(stream, max_outbox_bytes=cfg.max_outbox_bytes)
+        self.in_flight = 0
+        self.slot_free = trio.Event()
+        self.last_activity = trio.current_time()
+        self.closing = False
+        self.cancel_scope = trio.CancelScope()
+
+    def close(self) -> None:
+        self.closing = True
+        self.cancel_scope.cancel()
+
+    async def run(self) -> None:
+        with self.cancel_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_then_close)
+                nursery.start_soon(self._idle_watchdog)
+                try:
+                    await self._read_loop(nursery)
+                    # Let the writer send what is queued (e.g. a protocol error reply).
+                    with trio.move_on_after(1):
+                        await self.writer.flush()
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    async def _write_then_close(self) -> None:
+        await self.writer.run()
+        self.close()  # the stream broke: nothing more can be answered
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        server = self.server
+        receive_bytes = server.config.receive_bytes
+        while not self.closing:
+            try:
+                data = await self.stream.receive_some(receive_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data or server.refuse_connections:
+                return
+            self.last_activity = trio.current_time()
+            # Answers to the requests in this read leave together, in one write.
+            self.writer.cork()
+            try:
+                self.decoder.receive_data(data)
+                while True:
+                    frame = self.decoder.next_frame()
+                    if frame is NEED_DATA:
+                        break
+                    assert isinstance(frame, Frame)
+                    await self._dispatch(frame, nursery)
+                    if self.closing:
+                        return
+            except ProtocolError as exc:
+                server.stats.protocol_errors += 1
+                cid = exc.details.pop("correlation_id", None)
+                log.info("%s: closing connection after protocol error: %s", server.name, exc)
+                if cid is not None:
+                    await self._send_error(cid, exc)
+                return
+            finally:
+                self.writer.uncork()
+
+    async def _dispatch(self, frame: Frame, nursery: trio.Nursery) -> None:
+        server = self.server
+        header = frame.header
+        cid = header.get("i")
+        if type(cid) is not int:
+            raise ProtocolError("request frame without an integer correlation id 'i'")
+        server.stats.requests += 1
+        name = header.get("o")
+        entry = server._routes.get(name) if isinstance(name, str) else None
+        if entry is None:
+            raise ProtocolError(f"unknown operation {name!r}", correlation_id=cid)
+        op, route = entry
+        try:
+            check_version(op, header.get("v", 0))
+            request = from_body(op.request, header.get("b", {}), frame.payload)
+        except UnsupportedVersionError as exc:
+            await self._send_error(cid, exc)
+            return
+        except ProtocolError as exc:
+            exc.details["correlation_id"] = cid
+            raise
+        if server._draining:
+            await self._send_error(cid, BrokerNotAvailableError(f"{server.name} is shutting down"))
+            return
+        if route.inline:
+            server._request_started()
+            try:
+                await self._respond(cid, route.handler, request)
+            finally:
+                server._request_finished()
+            return
+        if self.in_flight >= server.config.max_in_flight:
+            self.writer.uncork()  # answers already made must not wait behind us
+            while self.in_flight >= server.config.max_in_flight:
+                self.slot_free = trio.Event()
+                await self.slot_free.wait()
+            self.writer.cork()
+        self.in_flight += 1
+        server._request_started()
+        nursery.start_soon(self._handle, cid, route.handler, request)
+
+    async def _handle(self, cid: int, handler: Handler, request: Message) -> None:
+        try:
+            await self._respond(cid, handler, request)
+        finally:
+            self.in_flight -= 1
+            self.server._request_finished()
+            self.slot_free.set()
+
+    async def _respond(self, cid: int, handler: Handler, request: Message) -> None:
+        try:
+            response = await handler(request)
+        except DlogError as exc:
+            await self._send_error(cid, exc)
+            return
+        except Exception as exc:
+            self.server.stats.handler_crashes += 1
+            log.exception("%s: handler for %s failed", self.server.name, type(request).__name__)
+            await self._send_error(cid, UnknownServerError(f"{type(exc).__name__}: {exc}"))
+            return
+        payload = response.payload
+        size = payload_length(payload)
+        head = encode_header({"i": cid, "b": to_body(response)}, size)
+        # Inline answers are corked by the read loop; a handler task alone on its
+        # connection writes at once; with others in flight, the writer task batches.
+        alone = self.in_flight <= 1
+        try:
+            if not size:
+                await self.writer.enqueue(head, write_now=alone)
+            elif isinstance(payload, bytes | bytearray | memoryview):
+                await self.writer.enqueue(head, payload, write_now=alone)
+            else:
+                await self.writer.enqueue(head, *payload, write_now=alone)
+        except trio.BrokenResourceError:
+            self.close()
+
+    async def _send_error(self, cid: int, exc: DlogError) -> None:
+        self.server.stats.error_responses += 1
+        try:
+            await self.writer.enqueue(
+                encode_header({"i": cid, "e": exc.to_wire()}), write_now=self.in_flight <= 1
+            )
+        except trio.BrokenResourceError:
+            self.close()
+
+    async def _idle_watchdog(self) -> None:
+        timeout = self.server.config.idle_timeout_s
+        while True:
+            await trio.sleep_until(self.last_activity + timeout)
+            now = trio.current_time()
+            if self.in_flight:
+                self.last_activity = now  # a request being handled is activity
+            elif now >= self.last_activity + timeout:
+                log.debug("%s: closing idle connection", self.server.name)
+                self.close()
+                return

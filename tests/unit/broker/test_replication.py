@@ -1,0 +1,325 @@
+"""Produce, fetch, replication, ISR and high watermark, on real replica managers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+
+from dlog.errors import ErrorCode
+from dlog.net.messages import payload_bytes
+from dlog.net.protocol import (
+    FetchPartition,
+    FetchRequest,
+    FetchResponse,
+    ListOffsetsPartition,
+    ListOffsetsRequest,
+    ListOffsetsResponse,
+    ProducePartition,
+    ProduceRequest,
+    ProduceResponse,
+)
+from dlog.storage import build_batch, decode_records
+from tests.unit.broker.dataplane import DataPlaneCluster, dataplane_cluster, wait_until
+
+NOW = 1_700_000_000_000
+
+
+def batch(*values: bytes) -> bytes:
+    return bytes(build_batch(values, base_timestamp=NOW))
+
+
+async def produce(
+    cluster: DataPlaneCluster,
+    topic: str,
+    *values: bytes,
+    acks: int = -1,
+    timeout_ms: int = 5000,
+    partition: int = 0,
+    raw: bytes | None = None,
+) -> ProduceResponse:
+    data = raw if raw is not None else batch(*values)
+    leader = cluster.leader_of(topic, partition)
+    resp = await cluster.pool.call(
+        leader.address,
+        ProduceRequest(
+            acks=acks,
+            timeout_ms=timeout_ms,
+            partitions=[ProducePartition(topic=topic, partition=partition, size=len(data))],
+            payload=data,
+        ),
+    )
+    assert isinstance(resp, ProduceResponse)
+    return resp
+
+
+async def fetch(
+    cluster: DataPlaneCluster, address: str, topic: str, offset: int, max_wait_ms: int = 0
+) -> tuple[FetchResponse, list[bytes]]:
+    resp = await cluster.pool.call(
+        address,
+        FetchRequest(
+            max_wait_ms=max_wait_ms,
+            partitions=[FetchPartition(topic=topic, partition=0, fetch_offset=offset)],
+        ),
+    )
+    assert isinstance(resp, FetchResponse)
+    data = payload_bytes(resp.payload)
+    values = [r.value for r in decode_records(data, min_offset=offset)] if data else []
+    return resp, values  # type: ignore[return-value]
+
+
+def logs_equal(cluster: DataPlaneCluster, topic: str, upto: int | None = None) -> bool:
+    contents = []
+    for node in cluster.nodes.values():
+        p = node.rm.partitions.get((topic, 0))
+        if p is None:
+            return False
+        end = p.log.log_end_offset if upto is None else upto
+        contents.append(p.log.read(0, 1 << 30, end).records if end else b"")
+    return all(c == contents[0] for c in contents)
+
+
+async def test_acks_all_replicates_to_every_isr_member(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t")
+        await wait_until(lambda: ("t", 0) in cluster.leader_of("t").rm.partitions)
+        resp = await produce(cluster, "t", b"a", b"b", b"c")
+        r = resp.partitions[0]
+        assert (r.error_code, r.base_offset, r.last_offset) == (0, 0, 2)
+        leader = cluster.leader_of("t")
+        # Acknowledged means every ISR member has it.
+        for node in cluster.nodes.values():
+            assert node.rm.partitions[("t", 0)].log.log_end_offset == 3
+        assert leader.rm.partitions[("t", 0)].high_watermark == 3
+        assert logs_equal(cluster, "t")
+        _, values = await fetch(cluster, leader.address, "t", 0)
+        assert values == [b"a", b"b", b"c"]
+
+
+async def test_consumers_never_see_above_the_high_watermark(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"committed")
+        leader = cluster.leader_of("t")
+        # Followers stop fetching: an acks=leader write stays above the HW.
+        for node in cluster.nodes.values():
+            if node is not leader:
+                node.rm.fetch_delay_s = 3600
+        await trio.lowlevel.checkpoint()
+        resp = await produce(cluster, "t", b"uncommitted", acks=1)
+        assert resp.partitions[0].error_code == 0
+        p = leader.rm.partitions[("t", 0)]
+        assert p.log_end_offset == 2
+        assert p.high_watermark == 1
+        r, values = await fetch(cluster, leader.address, "t", 0)
+        assert values == [b"committed"]
+        assert r.partitions[0].high_watermark == 1
+        # An offset in [HW, LEO] gives no data and no error.
+        r, values = await fetch(cluster, leader.address, "t", 1)
+        assert (r.partitions[0].error_code, values) == (0, [])
+        # Beyond the LEO is out of range, with the range in the answer.
+        r, _ = await fetch(cluster, leader.address, "t", 5)
+        assert r.partitions[0].error_code == ErrorCode.OFFSET_OUT_OF_RANGE
+        assert r.partitions[0].log_end_offset == 2
+
+
+async def test_long_poll_wakes_on_new_data(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t", rf=1)
+        leader = cluster.leader_of("t")
+        got: list[list[bytes]] = []
+
+        async def consume() -> None:
+            _, values = await fetch(cluster, leader.address, "t", 0, max_wait_ms=10_000)
+            got.append(values)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await wait_until(lambda: leader.rm.partitions[("t", 0)]._watchers)
+            await produce(cluster, "t", b"x", acks=1)
+        assert got == [[b"x"]]
+
+
+async def test_min_insync_replicas_checked_before_and_after(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=500) as cluster:
+        await cluster.create_topic("t", min_insync_replicas="3")
+        await produce(cluster, "t", b"ok")
+        leader = cluster.leader_of("t")
+        for node in cluster.nodes.values():
+            if node is not leader:
+                node.rm.fetch_delay_s = 3600
+        # The ISR shrinks once the followers lag for replica_lag_time_max_ms.
+        p = leader.rm.partitions[("t", 0)]
+        await wait_until(lambda: len(p.isr) < 3)
+        end = p.log_end_offset
+        resp = await produce(cluster, "t", b"refused")
+        assert resp.partitions[0].error_code == ErrorCode.NOT_ENOUGH_REPLICAS
+        assert p.log_end_offset == end  # nothing written
+
+
+async def test_not_enough_replicas_after_append(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=500) as cluster:
+        await cluster.create_topic("t", min_insync_replicas="3")
+        leader = cluster.leader_of("t")
+        await produce(cluster, "t", b"warm")
+        for node in cluster.nodes.values():
+            if node is not leader:
+                node.rm.fetch_delay_s = 3600
+        await trio.sleep(0.01)
+        # Written while the ISR is still 3; the ISR shrinks before it replicates.
+        resp = await produce(cluster, "t", b"late", timeout_ms=5000)
+        assert resp.partitions[0].error_code == ErrorCode.NOT_ENOUGH_REPLICAS_AFTER_APPEND
+
+
+async def test_slow_follower_leaves_isr_then_rejoins(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=500) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"1")
+        leader = cluster.leader_of("t")
+        slow = next(n for n in cluster.nodes.values() if n is not leader)
+        slow.rm.fetch_delay_s = 3600
+        slow_p = slow.rm.partitions[("t", 0)]
+        # Wake the fetcher so the new delay applies.
+        slow.rm._start_fetcher(slow_p, slow_p.info)
+        p = leader.rm.partitions[("t", 0)]
+        await wait_until(lambda: slow.node_id not in p.isr)
+        # acks=all now succeeds on the smaller ISR.
+        resp = await produce(cluster, "t", b"2")
+        assert resp.partitions[0].error_code == 0
+        slow.rm.fetch_delay_s = 0
+        slow.rm._start_fetcher(slow_p, slow_p.info)
+        await wait_until(lambda: slow.node_id in p.isr)
+        assert logs_equal(cluster, "t")
+
+
+async def test_hw_does_not_advance_on_uncommitted_isr_shrink(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=300) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"1")
+        leader = cluster.leader_of("t")
+        p = leader.rm.partitions[("t", 0)]
+        assert cluster.controller is not None
+        # The controller accepts ISR changes but they never commit.
+        blocked = trio.Event()
+        original = cluster.controller.alter_partition
+
+        async def stuck(req: object) -> object:
+            await blocked.wait()
+            return await original(req)  # type: ignore[arg-type]
+
+        cluster.controller.alter_partition = stuck  # type: ignore[method-assign]
+        for node in cluster.nodes.values():
+            if node is not leader:
+                node.rm.fetch_delay_s = 3600
+                q = node.rm.partitions[("t", 0)]
+                node.rm._start_fetcher(q, q.info)
+        await produce(cluster, "t", b"2", acks=1)
+        await wait_until(lambda: p.pending_isr is not None)
+        await trio.sleep(0.5)
+        assert p.isr == (1, 2, 3) or len(p.isr) == 3
+        assert p.high_watermark == 1  # the shrink is pending: the HW waits
+        blocked.set()
+        await wait_until(lambda: len(p.isr) == 1)
+        await wait_until(lambda: p.high_watermark == 2)
+
+
+async def test_divergent_leader_truncates_when_it_returns(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=60_000) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"a", b"b")
+        old = cluster.leader_of("t")
+        for node in cluster.nodes.values():
+            if node is not old:
+                node.rm.fetch_delay_s = 3600
+                q = node.rm.partitions[("t", 0)]
+                node.rm._start_fetcher(q, q.info)
+        # Appended on the leader only, never replicated, then the leader dies.
+        resp = await produce(cluster, "t", b"lost1", b"lost2", acks=1)
+        assert resp.partitions[0].error_code == 0
+        await cluster.stop(old.node_id)
+        for node in cluster.nodes.values():
+            node.rm.fetch_delay_s = 0
+        await wait_until(lambda: cluster.leader_of("t") is not old)
+        new = cluster.leader_of("t")
+        await wait_until(lambda: new.rm.partitions[("t", 0)].role.value == "leader")
+        resp = await produce(cluster, "t", b"c", b"d", b"e")
+        assert resp.partitions[0].error_code == 0
+        assert resp.partitions[0].base_offset == 2
+        await cluster.restart(old.node_id)
+        returned = cluster.nodes[old.node_id]
+        await wait_until(
+            lambda: (
+                ("t", 0) in returned.rm.partitions
+                and returned.rm.partitions[("t", 0)].log_end_offset == 5
+            )
+        )
+        assert logs_equal(cluster, "t")
+        p = returned.rm.partitions[("t", 0)]
+        values = [r.value for r in decode_records(p.log.read(0, 1 << 20, 5).records)]
+        assert values == [b"a", b"b", b"c", b"d", b"e"]
+
+
+@pytest.mark.parametrize("damage", ["crc", "magic", "length", "delta"])
+async def test_corrupt_batches_rejected_nothing_written(tmp_path: Path, damage: str) -> None:
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t", rf=1)
+        good = bytearray(batch(b"x", b"y"))
+        if damage == "crc":
+            good[-1] ^= 0xFF
+        elif damage == "magic":
+            good[16] = 1
+        elif damage == "length":
+            good[8:12] = (len(good) + 50).to_bytes(4, "big")
+        else:
+            good[23:27] = (5).to_bytes(4, "big")  # lastOffsetDelta != recordCount - 1
+        resp = await produce(cluster, "t", raw=bytes(good), acks=1)
+        assert resp.partitions[0].error_code == ErrorCode.CORRUPT_MESSAGE
+        assert cluster.leader_of("t").rm.partitions[("t", 0)].log_end_offset == 0
+
+
+async def test_unknown_topic_and_wrong_broker(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t", rf=1)
+        data = batch(b"v")
+        leader = cluster.leader_of("t")
+        other = next(n for n in cluster.nodes.values() if n is not leader)
+        resp = await cluster.pool.call(
+            other.address,
+            ProduceRequest(
+                acks=1,
+                timeout_ms=1000,
+                partitions=[
+                    ProducePartition(topic="t", partition=0, size=len(data)),
+                    ProducePartition(topic="nope", partition=0, size=len(data)),
+                ],
+                payload=data + data,
+            ),
+        )
+        assert isinstance(resp, ProduceResponse)
+        wrong, unknown = resp.partitions
+        assert wrong.error_code == ErrorCode.NOT_LEADER_OR_FOLLOWER
+        assert wrong.leader == leader.node_id
+        assert unknown.error_code == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+
+
+async def test_list_offsets(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"a", b"b", b"c")
+        leader = cluster.leader_of("t")
+        resp = await cluster.pool.call(
+            leader.address,
+            ListOffsetsRequest(
+                partitions=[
+                    ListOffsetsPartition(topic="t", partition=0, timestamp=-2),
+                    ListOffsetsPartition(topic="t", partition=0, timestamp=-1),
+                    ListOffsetsPartition(topic="t", partition=0, timestamp=NOW),
+                    ListOffsetsPartition(topic="t", partition=0, timestamp=NOW + 10**9),
+                ]
+            ),
+        )
+        assert isinstance(resp, ListOffsetsResponse)
+        assert [r.offset for r in resp.partitions] == [0, 3, 0, -1]

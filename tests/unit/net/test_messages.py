@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from dlog.errors import ProtocolError, UnsupportedVersionError
+from dlog.net.messages import (
+    Message,
+    Struct,
+    check_version,
+    from_body,
+    operation,
+    payload_bytes,
+    payload_length,
+    register,
+    to_body,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Part(Struct):
+    partition: int
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopicData(Struct):
+    name: str
+    parts: list[Part]
+    leader: Part | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NestedRequest(Message):
+    topics: list[TopicData]
+    by_name: dict[str, Part] = None  # type: ignore[assignment]
+    acks: int = -1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NestedResponse(Message):
+    ok: bool
+
+
+register("test.nested", NestedRequest, NestedResponse, version=2)
+
+
+def test_nested_round_trip() -> None:
+    req = NestedRequest(
+        topics=[TopicData(name="t", parts=[Part(partition=0, size=3)], leader=Part(partition=1))],
+        by_name={"x": Part(partition=5)},
+        payload=b"abc",
+    )
+    body = to_body(req)
+    assert "payload" not in body
+    assert body["topics"][0]["parts"][0] == {"partition": 0, "size": 3}
+    back = from_body(NestedRequest, body, b"abc")
+    assert back == req
+
+
+def test_unknown_fields_are_ignored_and_defaults_apply() -> None:
+    back = from_body(NestedRequest, {"topics": [], "future_field": [1, 2]})
+    assert back == NestedRequest(topics=[])
+
+
+def test_missing_required_field_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="topics"):
+        from_body(NestedRequest, {"acks": 1})
+    with pytest.raises(ProtocolError, match="partition"):
+        from_body(NestedRequest, {"topics": [{"name": "t", "parts": [{"size": 1}]}]})
+
+
+@pytest.mark.parametrize(
+    "body", [[1], {"topics": 5}, {"topics": [7]}, {"topics": [{"name": "t", "parts": {}}]}]
+)
+def test_wrong_shapes_are_protocol_errors(body: object) -> None:
+    with pytest.raises(ProtocolError):
+        from_body(NestedRequest, body)
+
+
+def test_versions() -> None:
+    op = operation("test.nested")
+    check_version(op, 0)
+    check_version(op, 2)
+    with pytest.raises(UnsupportedVersionError):
+        check_version(op, 3)
+    with pytest.raises(ProtocolError):
+        check_version(op, "1")
+
+
+def test_unknown_operation() -> None:
+    with pytest.raises(ProtocolError):
+        operation("no.such.op")
+
+
+def test_registration_clash_is_refused() -> None:
+    register("test.nested", NestedRequest, NestedResponse, version=2)  # idempotent
+    with pytest.raises(ValueError, match="already registered"):
+        register("test.nested", NestedRequest, NestedResponse, version=3)
+
+
+def test_payload_helpers() -> None:
+    chunks = [b"ab", memoryview(b"cd"), bytearray(b"e")]
+    assert payload_length(chunks) == 5
+    assert payload_bytes(chunks) == b"abcde"
+    assert payload_bytes(memoryview(b"xy")) == b"xy"

@@ -1,0 +1,170 @@
+"""Server and pool over real loopback sockets."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from dlog.errors import NetworkError, RequestTimedOutError
+from dlog.net.client import ClientConfig, open_rpc_pool
+from dlog.net.framing import encode_frame, encode_header
+from dlog.net.messages import EchoRequest, EchoResponse, payload_bytes
+from dlog.net.server import RpcServer, ServerConfig
+from tests.unit.net.rpc_fixtures import Gates, WaitRequest, make_server
+from tests.unit.net.test_rpc_memory import read_frames
+
+
+async def start_server(
+    nursery: trio.Nursery, server: RpcServer, port: int = 0
+) -> tuple[trio.CancelScope, int]:
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await server.run("127.0.0.1", port, task_status=task_status)
+
+    bound: int = await nursery.start(run)
+    return scope, bound
+
+
+async def test_pool_calls_and_reuses_one_connection() -> None:
+    async with trio.open_nursery() as nursery:
+        server = make_server(Gates())
+        scope, port = await start_server(nursery, server)
+        async with open_rpc_pool() as pool:
+            addr = f"127.0.0.1:{port}"
+            for i in range(20):
+                resp = await pool.call(addr, EchoRequest(data=i, payload=b"p" * i))
+                assert isinstance(resp, EchoResponse)
+                assert resp.data == i and payload_bytes(resp.payload) == b"p" * i
+            assert server.stats.connections_accepted == 1
+        scope.cancel()
+
+
+async def test_one_mebibyte_payloads() -> None:
+    async with trio.open_nursery() as nursery:
+        scope, port = await start_server(nursery, make_server(Gates()))
+        blob = random.Random(1).randbytes(1 << 20)
+        async with open_rpc_pool() as pool:
+            for _ in range(5):
+                resp = await pool.call(f"127.0.0.1:{port}", EchoRequest(payload=blob))
+                assert payload_bytes(resp.payload) == blob
+        scope.cancel()
+
+
+async def test_server_crash_mid_request_then_reconnect() -> None:
+    async with trio.open_nursery() as nursery:
+        scope, port = await start_server(nursery, make_server(Gates()))
+        addr = f"127.0.0.1:{port}"
+        config = ClientConfig(reconnect_backoff_s=0.01, reconnect_backoff_max_s=0.05)
+        async with open_rpc_pool(config) as pool:
+            conn = await pool.connection(addr)
+            pending = await conn.start_call(WaitRequest(gate="never"))
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()  # the server dies with the request in flight
+            with pytest.raises(NetworkError):
+                await pending.result()
+            with pytest.raises(NetworkError):
+                await pool.call(addr, EchoRequest(), timeout=5)
+            # The server comes back on the same port; the pool reconnects.
+            scope2, _ = await start_server(nursery, make_server(Gates()), port)
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        resp = await pool.call(addr, EchoRequest(data="back"), timeout=5)
+                        break
+                    except NetworkError:
+                        await trio.sleep(0.01)
+            assert isinstance(resp, EchoResponse) and resp.data == "back"
+            scope2.cancel()
+
+
+async def test_connect_refused_is_a_network_error_and_backs_off() -> None:
+    # A port nobody listens on: bind, note the port, close.
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    config = ClientConfig(reconnect_backoff_s=0.2, reconnect_backoff_max_s=1.0)
+    async with open_rpc_pool(config) as pool:
+        with pytest.raises(NetworkError, match="cannot connect"):
+            await pool.call(f"127.0.0.1:{port}", EchoRequest(), timeout=5)
+        start = trio.current_time()
+        with pytest.raises(NetworkError):
+            await pool.call(f"127.0.0.1:{port}", EchoRequest(), timeout=5)
+        # The second attempt waited out the backoff (0.2 s +- 20 % jitter).
+        assert trio.current_time() - start >= 0.15
+        # A call whose timeout is shorter than the backoff times out instead.
+        with pytest.raises(RequestTimedOutError):
+            await pool.call(f"127.0.0.1:{port}", EchoRequest(), timeout=0.01)
+
+
+async def test_malformed_input_on_one_connection_leaves_others_alone() -> None:
+    async with trio.open_nursery() as nursery:
+        server = make_server(Gates(), ServerConfig(max_frame_bytes=1 << 20))
+        scope, port = await start_server(nursery, server)
+        addr = f"127.0.0.1:{port}"
+        async with open_rpc_pool() as pool:
+            assert isinstance(await pool.call(addr, EchoRequest(data=1)), EchoResponse)
+            for garbage in [
+                b"\x00\x00\x00\x05hello",
+                struct.pack(">I", 1 << 30),
+                encode_header({"i": 9, "o": "echo"}, 1 << 30),
+                encode_frame({"i": 10, "o": "nope"}),
+                bytes(random.Random(7).randbytes(4096)),
+            ]:
+                raw = await trio.open_tcp_stream("127.0.0.1", port)
+                await raw.send_all(garbage)
+                with trio.fail_after(5):
+                    await read_frames(raw, 1)  # an answer or EOF, never a hang
+                    assert await raw.receive_some(10) == b""
+                await raw.aclose()
+            # The pooled connection and the server are unaffected.
+            for i in range(5):
+                resp = await pool.call(addr, EchoRequest(data=i))
+                assert isinstance(resp, EchoResponse) and resp.data == i
+            assert server.stats.connections_open == 1
+        scope.cancel()
+
+
+async def test_fault_injector_cuts_and_heals() -> None:
+    async with trio.open_nursery() as nursery:
+        scope, port = await start_server(nursery, make_server(Gates()))
+        addr = f"127.0.0.1:{port}"
+        async with open_rpc_pool() as pool:
+            conn = await pool.connection(addr)
+            pending = await conn.start_call(WaitRequest(gate="x"))
+            pool.faults.block(addr)
+            with pytest.raises(NetworkError):
+                await pending.result()
+            with pytest.raises(NetworkError, match="blocked"):
+                await pool.call(addr, EchoRequest())
+            pool.faults.heal()
+            assert isinstance(await pool.call(addr, EchoRequest()), EchoResponse)
+        scope.cancel()
+
+
+async def test_server_refusing_connections_looks_like_a_cut() -> None:
+    async with trio.open_nursery() as nursery:
+        server = make_server(Gates())
+        scope, port = await start_server(nursery, server)
+        addr = f"127.0.0.1:{port}"
+        async with open_rpc_pool(ClientConfig(reconnect_backoff_s=0.01)) as pool:
+            await pool.call(addr, EchoRequest())
+            server.refuse_connections = True
+            server.drop_connections()
+            with pytest.raises((NetworkError, RequestTimedOutError)):
+                await pool.call(addr, EchoRequest(), timeout=2)
+            server.refuse_connections = False
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        await pool.call(addr, EchoRequest(), timeout=2)
+                        break
+                    except NetworkError:
+                        await trio.sleep(0.01)
+        scope.cancel()

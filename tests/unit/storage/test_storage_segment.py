@@ -1,0 +1,183 @@
+"""LogSegment: files, appends, reads, index rebuild, truncation, refcounted deletion."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from storage_testing import MakeBatch
+
+from dlog.storage.batch import assign_offsets, iter_batch_headers, validate_batches
+from dlog.storage.segment import (
+    LogSegment,
+    parse_segment_file_name,
+    segment_file_name,
+)
+
+BASE = 500
+
+
+def new_segment(directory: Path, *, interval: int = 100) -> LogSegment:
+    return LogSegment.create(
+        directory, BASE, index_interval_bytes=interval, max_index_size=4096, created_ms=0
+    )
+
+
+def append(segment: LogSegment, batch: bytearray, next_offset: int) -> int:
+    headers = validate_batches(batch, now_ms=None, max_timestamp_skew_ms=0, max_batch_bytes=1 << 20)
+    end = assign_offsets(batch, headers, next_offset, 0)
+    assert segment.append(batch, headers, next_offset, 0) == end
+    return end
+
+
+def fill(segment: LogSegment, make_batch: MakeBatch, count: int) -> list[bytearray]:
+    written = []
+    offset = BASE
+    for i in range(count):
+        batch = make_batch(i % 4 + 1)
+        offset = append(segment, batch, offset)
+        written.append(batch)
+    return written
+
+
+def test_file_names() -> None:
+    assert segment_file_name(42, ".log") == "00000000000000000042.log"
+    assert parse_segment_file_name("00000000000000000042.timeindex") == (42, ".timeindex")
+    assert parse_segment_file_name("00000000000000000042.log.deleted") is None
+    assert parse_segment_file_name("42.log") is None
+    assert parse_segment_file_name("0000000000000000004x.log") is None
+
+
+def test_append_goes_straight_to_the_file(tmp_path: Path, make_batch: MakeBatch) -> None:
+    segment = new_segment(tmp_path)
+    written = fill(segment, make_batch, 3)
+    data = b"".join(written)
+    # Visible through a separate descriptor at once: nothing buffered in Python.
+    assert (tmp_path / "00000000000000000500.log").read_bytes() == data
+    assert segment.size == len(data)
+    assert segment.next_offset == BASE + 1 + 2 + 3
+    assert segment.read_bytes(0, segment.size) == data
+    segment.close()
+
+
+def test_translate_and_plan_read(tmp_path: Path, make_batch: MakeBatch) -> None:
+    segment = new_segment(tmp_path, interval=50)
+    written = fill(segment, make_batch, 40)
+    headers = list(iter_batch_headers(b"".join(written)))
+    assert segment.offset_index.entries > 5
+    for header in headers:
+        for offset in range(header.base_offset, header.last_offset + 1):
+            found = segment.translate_offset(offset)
+            assert found is not None
+            assert (found.position, found.base_offset) == (header.position, header.base_offset)
+    assert segment.translate_offset(headers[-1].next_offset) is None
+    end = headers[-1].next_offset
+    # One batch even when max_size is tiny; none when min_one_batch is off.
+    plan = segment.plan_read(BASE, 1, end, end, min_one_batch=True)
+    assert plan is not None
+    assert (plan.position, plan.size, plan.next_offset) == (
+        0,
+        headers[0].size,
+        headers[1].base_offset,
+    )
+    plan = segment.plan_read(BASE, 1, end, end, min_one_batch=False)
+    assert plan is not None
+    assert plan.size == 0
+    # Cut at a batch boundary below max_size.
+    limit = headers[10].position + headers[10].size // 2
+    plan = segment.plan_read(BASE, limit, end, end, min_one_batch=True)
+    assert plan is not None
+    assert (plan.size, plan.next_offset) == (headers[10].position, headers[10].base_offset)
+    # Bounded by max_offset: the batch holding it is left out.
+    assert headers[21].record_count == 2
+    bound = headers[21].base_offset + 1
+    plan = segment.plan_read(headers[5].base_offset, 1 << 20, bound, end, min_one_batch=True)
+    assert plan is not None
+    assert plan.position == headers[5].position
+    assert plan.position + plan.size == headers[21].position
+    assert plan.next_offset == headers[21].base_offset
+    segment.close()
+
+
+def test_recover_rebuilds_the_same_indexes(tmp_path: Path, make_batch: MakeBatch) -> None:
+    segment = new_segment(tmp_path, interval=60)
+    fill(segment, make_batch, 50)
+    offsets = [segment.offset_index.entry(i) for i in range(segment.offset_index.entries)]
+    times = [segment.time_index.entry(i) for i in range(segment.time_index.entries)]
+    assert offsets
+    assert times
+    segment.close()
+    for suffix in (".index", ".timeindex"):
+        (tmp_path / segment_file_name(BASE, suffix)).unlink()
+    reopened = LogSegment(
+        tmp_path, BASE, index_interval_bytes=60, max_index_size=4096, active=True, created_ms=0
+    )
+    assert reopened.offset_index.entries == 0
+    assert reopened.recover() == 0
+    assert [reopened.offset_index.entry(i) for i in range(reopened.offset_index.entries)] == offsets
+    assert [reopened.time_index.entry(i) for i in range(reopened.time_index.entries)] == times
+    reopened.close()
+
+
+def test_recover_cuts_at_the_first_bad_byte(tmp_path: Path, make_batch: MakeBatch) -> None:
+    segment = new_segment(tmp_path)
+    written = fill(segment, make_batch, 5)
+    segment.close()
+    path = tmp_path / segment_file_name(BASE, ".log")
+    data = bytearray(path.read_bytes())
+    bad_at = len(written[0]) + len(written[1]) + 30
+    data[bad_at] ^= 0x55
+    path.write_bytes(bytes(data))
+    reopened = LogSegment(
+        tmp_path, BASE, index_interval_bytes=100, max_index_size=4096, active=True, created_ms=0
+    )
+    assert reopened.recover() == len(data) - len(written[0]) - len(written[1])
+    assert path.read_bytes() == written[0] + written[1]
+    assert reopened.next_offset == BASE + 1 + 2
+    reopened.close()
+
+
+def test_truncate_to(tmp_path: Path, make_batch: MakeBatch) -> None:
+    segment = new_segment(tmp_path, interval=10)
+    written = fill(segment, make_batch, 8)
+    headers = list(iter_batch_headers(b"".join(written)))
+    assert headers[5].record_count == 2
+    target = headers[5].base_offset + 1  # inside batch 5: the whole batch goes
+    removed = segment.truncate_to(target)
+    assert removed == sum(len(b) for b in written[5:])
+    assert segment.size == headers[5].position
+    assert segment.next_offset == headers[5].base_offset
+    assert segment.offset_index.last_entry().offset < headers[5].base_offset
+    assert segment.truncate_to(headers[5].base_offset) == 0
+    segment.close()
+
+
+def test_deleted_segment_outlives_its_readers(tmp_path: Path, make_batch: MakeBatch) -> None:
+    segment = new_segment(tmp_path)
+    written = fill(segment, make_batch, 3)
+    segment.acquire()  # a reader
+    segment.delete()
+    names = sorted(os.listdir(tmp_path))
+    assert names == [
+        "00000000000000000500.index.deleted",
+        "00000000000000000500.log.deleted",
+        "00000000000000000500.timeindex.deleted",
+    ]
+    # The reader can still read everything.
+    assert segment.read_bytes(0, segment.size) == b"".join(written)
+    segment.release()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(OSError):
+        segment.read_bytes(0, 10)
+
+
+def test_close_waits_for_readers(tmp_path: Path, make_batch: MakeBatch) -> None:
+    segment = new_segment(tmp_path)
+    fill(segment, make_batch, 2)
+    segment.acquire()
+    segment.close()
+    assert segment.read_bytes(0, 10)  # still open for the reader
+    segment.release()
+    assert segment.refs == 0
+    assert (tmp_path / "00000000000000000500.log").exists()
