@@ -284,6 +284,15 @@ class RaftCore:
                 return config
         return self._configs[0][1]
 
+    def address_of(self, node_id: NodeId) -> str | None:
+        """Where to reach ``node_id``: from the newest configuration in the log that
+        lists it (a removed member is still reachable while its removal is replicated)."""
+        for _, config in reversed(self._configs):
+            member = config.member(node_id)
+            if member is not None:
+                return member.address
+        return None
+
     def progress(self, node_id: NodeId) -> Progress | None:
         """The leader's replication progress for a peer (None if not leader/unknown)."""
         return self._progress.get(node_id)

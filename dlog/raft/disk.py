@@ -183,6 +183,9 @@ class DiskStorage(MemoryStorage):
         #: Bytes of WAL appended since the last rewrite (for observers and tests).
         self.wal_bytes = 0
         self.truncated_bytes = 0
+        #: STATE records appended (one per Ready with something to persist) and fsyncs.
+        self.records_written = 0
+        self.fsyncs = 0
 
     @property
     def directory_id(self) -> str:
@@ -191,12 +194,24 @@ class DiskStorage(MemoryStorage):
     # --- opening -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, cluster_id: str, node_id: NodeId) -> DiskStorage:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        cluster_id: str,
+        node_id: NodeId,
+        directory_id: str | None = None,
+    ) -> DiskStorage:
         """Open (formatting if empty) the Raft directory ``path``.
 
+        ``directory_id`` is the identity to format with (default: a new random one);
+        pass the node's own (e.g. the broker's) so Raft and the node agree on it, and
+        pass a fresh one whenever Raft state may have been lost: a voter is (node id,
+        directory id), and an empty disk must never vote as its old self.
+
         Raises InconsistentClusterIdError if it belongs to another cluster,
-        StorageError if to another node id, if locked by another process, or if its
-        snapshot is unreadable.
+        StorageError if to another node id or directory id, if locked by another
+        process, or if its snapshot is unreadable.
         """
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
@@ -207,7 +222,7 @@ class DiskStorage(MemoryStorage):
             os.close(lock_fd)
             raise StorageError(f"{root} is in use by another process") from None
         try:
-            identity = cls._load_identity(root, cluster_id, node_id)
+            identity = cls._load_identity(root, cluster_id, node_id, directory_id)
             storage = cls(root, identity, lock_fd)
             storage._recover()
         except BaseException:
@@ -216,11 +231,15 @@ class DiskStorage(MemoryStorage):
         return storage
 
     @staticmethod
-    def _load_identity(root: Path, cluster_id: str, node_id: NodeId) -> Identity:
+    def _load_identity(
+        root: Path, cluster_id: str, node_id: NodeId, directory_id: str | None
+    ) -> Identity:
         ident_path = root / "identity"
         if not ident_path.exists():
             identity = Identity(
-                cluster_id=cluster_id, node_id=node_id, directory_id=secrets.token_hex(16)
+                cluster_id=cluster_id,
+                node_id=node_id,
+                directory_id=directory_id or secrets.token_hex(16),
             )
             write_atomically(
                 ident_path,
@@ -229,7 +248,7 @@ class DiskStorage(MemoryStorage):
             logger.info("formatted %s as node %d of cluster %s", root, node_id, cluster_id)
             return identity
         try:
-            stored_cluster, stored_node, directory_id = cbor2.loads(ident_path.read_bytes())
+            stored_cluster, stored_node, stored_dir = cbor2.loads(ident_path.read_bytes())
         except Exception as exc:
             raise StorageError(f"{ident_path} is unreadable: {exc}") from None
         if stored_cluster != cluster_id:
@@ -238,7 +257,11 @@ class DiskStorage(MemoryStorage):
             )
         if stored_node != node_id:
             raise StorageError(f"{root} belongs to node {stored_node}, not {node_id}")
-        return Identity(cluster_id=cluster_id, node_id=node_id, directory_id=directory_id)
+        if directory_id is not None and stored_dir != directory_id:
+            raise StorageError(
+                f"{root} was formatted with directory id {stored_dir}, not {directory_id}"
+            )
+        return Identity(cluster_id=cluster_id, node_id=node_id, directory_id=stored_dir)
 
     def _recover(self) -> None:
         snap_path = self.path / "snapshot"
@@ -360,6 +383,8 @@ class DiskStorage(MemoryStorage):
             record = encode_state(hard_state, entries)
             await trio.to_thread.run_sync(self._append_record, record, sync)
             self.wal_bytes += len(record)
+            self.records_written += 1
+            self.fsyncs += sync
             if entries:
                 super().append(entries)
             if hard_state is not None:
@@ -437,9 +462,16 @@ class DiskStorage(MemoryStorage):
 
 @contextlib.contextmanager
 def open_disk_storage(
-    path: str | os.PathLike[str], *, cluster_id: str, node_id: NodeId
+    path: str | os.PathLike[str],
+    *,
+    cluster_id: str,
+    node_id: NodeId,
+    directory_id: str | None = None,
 ) -> Iterator[DiskStorage]:
-    storage = DiskStorage.open(path, cluster_id=cluster_id, node_id=node_id)
+    """:meth:`DiskStorage.open` as a context manager that closes it."""
+    storage = DiskStorage.open(
+        path, cluster_id=cluster_id, node_id=node_id, directory_id=directory_id
+    )
     try:
         yield storage
     finally:
