@@ -1,0 +1,239 @@
+"""DiskStorage: identity, persistence, torn/corrupt tails, snapshots and compaction."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from raft_helpers import config_of, entries, nid
+
+from dlog.errors import InconsistentClusterIdError, StorageError
+from dlog.raft.disk import DiskStorage, encode_snapshot, write_atomically
+from dlog.raft.messages import Entry, EntryType, HardState, Snapshot, SnapshotMeta
+from dlog.raft.storage import MemoryStorage
+
+
+def open_store(path: Path, node: int = 1, cluster: str = "c") -> DiskStorage:
+    return DiskStorage.open(path, cluster_id=cluster, node_id=nid(node))
+
+
+def state_of(s: MemoryStorage) -> tuple[HardState, list[Entry], int, int]:
+    return s.initial_state(), s.all_entries(), s.first_index(), s.snapshot().meta.index
+
+
+# --- identity ------------------------------------------------------------------------
+
+
+def test_formatting_writes_a_random_directory_id_that_survives_reopening(tmp_path: Path) -> None:
+    with open_store(tmp_path / "a") as a:
+        dir_a = a.directory_id
+    with open_store(tmp_path / "b") as b:
+        assert b.directory_id != dir_a
+    with open_store(tmp_path / "a") as again:
+        assert again.directory_id == dir_a
+        assert again.identity.node_id == 1
+
+
+def test_a_directory_of_another_cluster_or_node_is_refused(tmp_path: Path) -> None:
+    open_store(tmp_path, cluster="c1").close()
+    with pytest.raises(InconsistentClusterIdError):
+        open_store(tmp_path, cluster="c2")
+    with pytest.raises(StorageError, match="belongs to node 1"):
+        open_store(tmp_path, node=2, cluster="c1")
+
+
+def test_a_directory_in_use_is_refused(tmp_path: Path) -> None:
+    with open_store(tmp_path), pytest.raises(StorageError, match="in use"):
+        open_store(tmp_path)
+
+
+def test_the_synchronous_writers_are_refused(tmp_path: Path) -> None:
+    with open_store(tmp_path) as s, pytest.raises(StorageError):
+        s.append(entries(1))
+
+
+# --- persistence ---------------------------------------------------------------------
+
+
+async def test_saved_state_survives_reopening(tmp_path: Path) -> None:
+    with open_store(tmp_path) as s:
+        await s.save(hard_state=HardState(term=2, vote=nid(3), commit=1), entries=entries(1, 1, 2))
+        await s.save(hard_state=None, entries=entries(3, 3, start=3))  # replaces index 3
+        await s.save(hard_state=HardState(term=3, vote=None, commit=4), entries=(), sync=False)
+        expected = state_of(s)
+    with open_store(tmp_path) as again:
+        assert state_of(again) == expected
+        assert [e.term for e in again.all_entries()] == [1, 1, 3, 3]
+        assert again.initial_state() == HardState(term=3, vote=None, commit=4)
+        assert again.truncated_bytes == 0
+
+
+async def test_a_torn_last_record_is_truncated_on_open(tmp_path: Path) -> None:
+    with open_store(tmp_path) as s:
+        await s.save(hard_state=HardState(term=1, commit=0), entries=entries(1, 1))
+        good = s.wal_bytes
+        await s.save(hard_state=HardState(term=2, commit=2), entries=entries(2, start=3))
+        full = s.wal_bytes
+    wal = tmp_path / "wal"
+    with wal.open("r+b") as f:
+        f.truncate(full - 3)
+    with open_store(tmp_path) as again:
+        assert [e.index for e in again.all_entries()] == [1, 2]
+        assert again.initial_state().term == 1
+        assert again.truncated_bytes == full - 3 - good
+    assert wal.stat().st_size == good
+    with open_store(tmp_path) as third:  # and it stays clean
+        assert third.truncated_bytes == 0
+
+
+async def _apply_ops(path: Path, ops: list[tuple[HardState | None, list[Entry]]]):  # type: ignore[no-untyped-def]
+    """Save each op; return the WAL offset after each and the model state after each."""
+    model = MemoryStorage()
+    offsets = [0]
+    states = [state_of(model)]
+    with open_store(path) as s:
+        offsets[0] = s.wal_bytes
+        for hs, ents in ops:
+            await s.save(hard_state=hs, entries=ents)
+            if ents:
+                model.append(ents)
+            if hs is not None:
+                model.set_hard_state(hs)
+            offsets.append(s.wal_bytes)
+            states.append(state_of(model))
+    return offsets, states
+
+
+@st.composite
+def op_lists(draw):  # type: ignore[no-untyped-def]
+    ops = []
+    last = 0
+    term = 1
+    for _ in range(draw(st.integers(1, 8))):
+        first = draw(st.integers(max(1, last - 3), last + 1))
+        n = draw(st.integers(0, 4))
+        term += draw(st.integers(0, 1))
+        ents = [
+            Entry(first + i, term, EntryType.NORMAL, draw(st.binary(max_size=20))) for i in range(n)
+        ]
+        if ents:
+            last = first + n - 1
+        hs = None
+        if draw(st.booleans()) or not ents:
+            hs = HardState(term=term, vote=draw(st.none() | st.just(nid(2))), commit=0)
+        ops.append((hs, ents))
+    return ops
+
+
+@settings(max_examples=150)
+@given(ops=op_lists(), data=st.data())
+def test_any_truncation_or_corruption_of_the_tail_recovers_a_prefix(ops, data) -> None:  # type: ignore[no-untyped-def]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        offsets, states = trio.run(_apply_ops, path, ops)
+        wal = path / "wal"
+        size = wal.stat().st_size
+        assert size == offsets[-1]
+        point = data.draw(st.integers(0, max(0, size - 1)), label="damage at")
+        blob = bytearray(wal.read_bytes())
+        if data.draw(st.booleans(), label="corrupt instead of truncate"):
+            blob[point] ^= data.draw(st.integers(1, 255), label="xor")
+        else:
+            del blob[point:]
+        wal.write_bytes(bytes(blob))
+        # Records that end at or before the damage survive; nothing after them does.
+        survived = max(k for k, off in enumerate(offsets) if off <= point)
+        with open_store(path) as again:
+            assert state_of(again) == states[survived]
+
+
+# --- snapshots and compaction ----------------------------------------------------------
+
+
+async def filled(path: Path, n: int = 10) -> DiskStorage:
+    s = open_store(path)
+    await s.save(hard_state=HardState(term=2, commit=n), entries=entries(*([2] * n)))
+    return s
+
+
+async def test_a_local_snapshot_and_compaction_survive_reopening(tmp_path: Path) -> None:
+    s = await filled(tmp_path)
+    meta = SnapshotMeta(index=7, term=2, config=config_of([1, 2, 3]))
+    await s.save_snapshot(meta, b"state@7")
+    await s.compact_to(5)  # keep two entries the snapshot covers, for slow followers
+    assert (s.first_index(), s.last_index()) == (6, 10)
+    await s.save(hard_state=None, entries=entries(2, start=11))
+    s.close()
+    with open_store(tmp_path) as again:
+        assert again.snapshot() == Snapshot(meta=meta, data=b"state@7")
+        assert (again.first_index(), again.last_index()) == (6, 11)
+        assert again.term(5) == 2
+        assert again.initial_state().commit == 10
+
+
+async def test_compaction_past_the_snapshot_is_refused(tmp_path: Path) -> None:
+    s = await filled(tmp_path)
+    with s:
+        await s.save_snapshot(SnapshotMeta(index=3, term=2, config=config_of([1])), b"")
+        with pytest.raises(StorageError):
+            await s.compact_to(4)
+
+
+async def test_an_installed_snapshot_replaces_the_log(tmp_path: Path) -> None:
+    s = await filled(tmp_path, 4)
+    snap = Snapshot(meta=SnapshotMeta(index=20, term=5, config=config_of([1, 2])), data=b"leader")
+    await s.save(
+        hard_state=HardState(term=5, commit=20), entries=entries(5, start=21), snapshot=snap
+    )
+    assert (s.first_index(), s.last_index()) == (21, 21)
+    s.close()
+    with open_store(tmp_path) as again:
+        assert again.snapshot() == snap
+        assert (again.first_index(), again.last_index()) == (21, 21)
+        assert again.initial_state() == HardState(term=5, commit=20)
+
+
+async def test_a_crash_after_the_snapshot_file_but_before_the_wal_rewrite(tmp_path: Path) -> None:
+    # The snapshot file is written first. If the old WAL contains the snapshot's last
+    # entry, its later entries are kept; if it conflicts, it is dropped.
+    s = await filled(tmp_path, 6)
+    s.close()
+    keep = Snapshot(meta=SnapshotMeta(index=4, term=2, config=config_of([1])), data=b"k")
+    write_atomically(tmp_path / "snapshot", encode_snapshot(keep))
+    with open_store(tmp_path) as again:
+        assert again.snapshot() == keep
+        assert [e.index for e in again.all_entries()] == [1, 2, 3, 4, 5, 6]
+        assert again.first_index() == 1
+    other = Snapshot(meta=SnapshotMeta(index=4, term=9, config=config_of([1])), data=b"o")
+    write_atomically(tmp_path / "snapshot", encode_snapshot(other))
+    with open_store(tmp_path) as again:
+        assert again.snapshot() == other
+        assert again.all_entries() == []
+        assert again.first_index() == 5
+        assert again.initial_state().commit == 4
+
+
+async def test_a_corrupt_snapshot_file_is_an_error_not_a_silent_loss(tmp_path: Path) -> None:
+    s = await filled(tmp_path)
+    await s.save_snapshot(SnapshotMeta(index=3, term=2, config=config_of([1])), b"abc")
+    s.close()
+    path = tmp_path / "snapshot"
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(StorageError, match="checksum"):
+        open_store(tmp_path)
+
+
+async def test_writes_are_durable_before_save_returns(tmp_path: Path) -> None:
+    """save() fsyncs; what it wrote is in the file (not a Python buffer) on return."""
+    s = open_store(tmp_path)
+    await s.save(hard_state=HardState(term=1), entries=entries(1))
+    size = os.stat(tmp_path / "wal").st_size
+    assert size == s.wal_bytes > 0
+    s.close()
