@@ -260,9 +260,7 @@ class Client:
     async def delete_topic(self, name: str) -> None:
         """Delete a topic. Raises UnknownTopicOrPartitionError if there is none."""
         request = DeleteTopicsRequest(topics=[name])
-        await self._topic_call(
-            name, request, DeleteTopicsResponse, lambda r: _pick(r.topics, name)
-        )
+        await self._topic_call(name, request, DeleteTopicsResponse, lambda r: _pick(r.topics, name))
         self._metadata.request_refresh()
 
     async def alter_topic(
@@ -329,16 +327,16 @@ class Client:
                 return
             try:
                 status = await self._pool.call_typed(
-                    address, ReplicaStatusRequest(topics=[name]), ReplicaStatusResponse,
+                    address,
+                    ReplicaStatusRequest(topics=[name]),
+                    ReplicaStatusResponse,
                     timeout=timeout,
                 )
             except DlogError:
                 return
             for state in status.partitions:
                 if state.topic == name:
-                    led = next(
-                        (p for p in meta.partitions if p.partition == state.partition), None
-                    )
+                    led = next((p for p in meta.partitions if p.partition == state.partition), None)
                     if led is not None and led.leader == node:
                         states[state.partition] = state
 
@@ -376,7 +374,8 @@ class Client:
         """
         self._metadata.track(name)
         backoff = Backoff(
-            self.options.retry_backoff_ms / 1000, self.options.retry_backoff_max_ms / 1000,
+            self.options.retry_backoff_ms / 1000,
+            self.options.retry_backoff_max_ms / 1000,
             self._rng,
         )
         with trio.move_on_after(timeout):
@@ -482,7 +481,8 @@ class Client:
         budget = self.options.default_api_timeout_ms / 1000
         deadline = trio.current_time() + budget
         backoff = Backoff(
-            self.options.retry_backoff_ms / 1000, self.options.retry_backoff_max_ms / 1000,
+            self.options.retry_backoff_ms / 1000,
+            self.options.retry_backoff_max_ms / 1000,
             self._rng,
         )
         while True:

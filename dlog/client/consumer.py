@@ -684,8 +684,12 @@ class Consumer:
             else:
                 log.info(
                     "offset %d of %s-%d out of range [%d, %d]: resetting to %s",
-                    state.fetch_offset, self.topic, state.partition, log_start_offset,
-                    log_end_offset, policy,
+                    state.fetch_offset,
+                    self.topic,
+                    state.partition,
+                    log_start_offset,
+                    log_end_offset,
+                    policy,
                 )
                 state.reset_to = policy
             return

@@ -369,10 +369,7 @@ class MetadataCache:
     def merge(self, response: MetadataResponse, asked: list[str] | None) -> None:
         """Take an answer to a MetadataRequest for ``asked`` (None: every topic)."""
         view = self._view
-        if (
-            response.cluster_id == view.cluster_id
-            and response.metadata_index < view.metadata_index
-        ):
+        if response.cluster_id == view.cluster_id and response.metadata_index < view.metadata_index:
             return
         self._set_view(merge_response(view, response, asked))
 

@@ -169,8 +169,14 @@ class _Unplaced:
         self.topic = topic
         self.deadline = deadline
         self.records: list[
-            tuple[bytes | None, bytes | None, Sequence[Header] | None, int | None, int | None,
-                  DeliveryHandle]
+            tuple[
+                bytes | None,
+                bytes | None,
+                Sequence[Header] | None,
+                int | None,
+                int | None,
+                DeliveryHandle,
+            ]
         ] = []
         self.reserved = 0
         self.event = trio.Event()
@@ -729,8 +735,7 @@ class Producer:
                     f" {self.config.max_block_ms})"
                 )
             raise RequestTimedOutError(
-                f"no metadata for topic {topic!r} within max_block_ms ="
-                f" {self.config.max_block_ms}"
+                f"no metadata for topic {topic!r} within max_block_ms = {self.config.max_block_ms}"
             )
         return self._ensure_topic(topic, view)
 
@@ -924,8 +929,7 @@ class Producer:
                 result = results.get((q.topic, q.partition))
                 if result is None:
                     missing = UnknownServerError(
-                        f"produce response from {address} has no result for"
-                        f" {q.topic}-{q.partition}"
+                        f"produce response from {address} has no result for {q.topic}-{q.partition}"
                     )
                     self._on_error(q, batches, missing, None, now)
                 elif result.error_code == 0:

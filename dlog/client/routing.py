@@ -253,8 +253,9 @@ class Router:
             except DlogError as exc:
                 if not exc.retriable:
                     raise
-                if isinstance(exc, (NotCoordinatorError, CoordinatorNotAvailableError,
-                                    *_UNREACHABLE)):
+                if isinstance(
+                    exc, (NotCoordinatorError, CoordinatorNotAvailableError, *_UNREACHABLE)
+                ):
                     self._coordinators.pop(group, None)
                 delay = backoff.failed()
                 if trio.current_time() + delay >= deadline:
