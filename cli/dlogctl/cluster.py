@@ -41,6 +41,18 @@ def cluster_up(
     log_level: str = typer.Option("info", "--log-level", help="Node log level."),
 ) -> None:
     """Start the local cluster (only the nodes that are not running) and wait until ready."""
+    bring_up(data_dir, nodes, base_port, host, timeout, log_level)
+
+
+def bring_up(
+    data_dir: Path,
+    nodes: int = 3,
+    base_port: int = 9400,
+    host: str = "127.0.0.1",
+    timeout: float = 60.0,
+    log_level: str = "info",
+) -> ClusterSpec:
+    """`cluster up`: start what is not running, wait (with a spinner) until ready."""
     data_dir = data_dir.resolve()
     spec = ClusterSpec.load(data_dir)
     if spec is None:
@@ -91,6 +103,7 @@ def cluster_up(
     console.print(f"cluster ready: {len(ids)} node(s), controller is node {reply.controller}")
     console.print(f"bootstrap: [bold]{spec.nodes[0].rpc}[/]")
     console.print(f"data and logs: {data_dir}")
+    return spec
 
 
 def _status(spec: ClusterSpec) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import dlog
-from dlogctl import cluster, data, node, top, topic
+from dlogctl import cluster, data, demo, node, top, topic
 
 app = typer.Typer(
     name="dlogctl",
@@ -20,6 +20,7 @@ app.add_typer(topic.app, name="topic")
 app.command("produce")(data.produce)
 app.command("consume")(data.consume)
 app.command("top")(top.top)
+app.command("demo")(demo.demo)
 
 
 @app.command()

@@ -501,7 +501,10 @@ class Client:
                 result.error_message or f"topic {name!r}: {_describe_code(result.error_code)}",
             )
             delay = backoff.failed()
-            if not error.retriable or trio.current_time() + delay >= deadline:
+            # The controller answers topic operations from committed metadata: its
+            # "no such topic" is final, unlike a broker's during metadata propagation.
+            final = not error.retriable or isinstance(error, UnknownTopicOrPartitionError)
+            if final or trio.current_time() + delay >= deadline:
                 raise error
             await trio.sleep(delay)
 
