@@ -32,7 +32,7 @@ async def fill(bootstrap: list[str], topic: str, records: int, partitions: int) 
     async with dlog.connect(bootstrap) as client:
         await client.create_topic(topic, partitions=partitions, replication_factor=3)
         await client.wait_for_topic(topic)
-        async with client.producer(acks="all", linger_ms=2, batch_size=1 << 20) as producer:
+        async with client.producer(acks="all", linger_ms=2, batch_size=512 << 10) as producer:
             async with trio.open_nursery() as nursery:
                 for first in range(0, records, CHUNK):
                     count = min(CHUNK, records - first)

@@ -47,7 +47,7 @@ async def throughput(
     async with dlog.connect(bootstrap) as client:
         await client.create_topic(topic, partitions=partitions, replication_factor=rf)
         await client.wait_for_topic(topic)
-        async with client.producer(acks=acks, linger_ms=2, batch_size=1 << 20) as producer:
+        async with client.producer(acks=acks, linger_ms=2, batch_size=512 << 10) as producer:
             next_chunk = 0
             deadline = time.perf_counter() + seconds
             start = time.perf_counter()
