@@ -181,12 +181,15 @@ async def wait_replicas_converged(
     return await eventually(converged, timeout=timeout, what=f"replicas of {topic} converged")
 
 
-def read_replica_log(data_dir: Path, topic: str, partition: int, upper: int) -> bytes:
-    """The raw batches of a stopped node's replica below ``upper`` (offset), read with
-    dlog.storage's own recovery, as a follower or consumer would be served them."""
+def read_replica_log(data_dir: Path, topic: str, partition: int, upper: int | None = None) -> bytes:
+    """The raw batches of a stopped node's replica below ``upper`` (offset; default
+    its log end), read with dlog.storage's own recovery, as a follower or consumer
+    would be served them."""
     directory = data_dir / "logs" / f"{topic}-{partition}"
     plog = PartitionLog.open(directory, LogConfig(), SystemClock())
     try:
+        if upper is None:
+            upper = plog.log_end_offset
         out = bytearray()
         offset = plog.log_start_offset
         assert offset == 0, f"{directory}: log starts at {offset}"
