@@ -8,13 +8,22 @@ generous (10 s); the measured times are printed (``pytest -s``) for the report.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
 import dlog
-from dlog.net.protocol import PartitionMetadata
+from dlog.errors import DlogError
+from dlog.net.protocol import (
+    ACKS_LEADER,
+    PartitionMetadata,
+    ProducePartition,
+    ProduceRequest,
+    ProduceResponse,
+)
+from dlog.storage import build_batch
 from tests.fault.processes import ProcessCluster, eventually, process_cluster
 from tests.fault.workload import (
     AckLog,
@@ -229,3 +238,83 @@ async def test_killed_controller_is_replaced_and_topics_can_be_created(tmp_path:
         description = await client.describe_cluster()
         assert {b.node_id for b in description.brokers if not b.fenced} == set(cluster.node_ids)
         assert description.controller is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "brokers stop leading their partitions during every Raft election, not after "
+        "broker_session_timeout_ms: dlog.raft.RaftNode.heard_from_leader_within is False "
+        "on a follower once pre-vote clears core.leader (0.5-1 s after the leader died) "
+        "and on a new leader until a quorum has acked it in its term"
+    ),
+)
+async def test_controller_failover_leaves_other_partition_leaders_leading(
+    tmp_path: Path,
+) -> None:
+    """DESIGN.md: a broker stops acting as partition leader once it has heard from no
+    Raft leader for broker_session_timeout_ms (4 s). A new controller is elected well
+    within that, so partitions led by the surviving brokers must keep taking writes
+    through a controller failover (acks=leader: their ISR still holds the dead node)."""
+    topic = "steady"
+    async with (
+        process_cluster(tmp_path) as cluster,
+        dlog.connect(cluster.bootstrap) as client,
+    ):
+        await client.create_topic(topic, partitions=3, replication_factor=3)
+        await client.wait_for_topic(topic)
+        controller = await cluster.controller(cluster.node_ids[0])
+        assert controller is not None
+        parts = await full_isr(cluster, controller, topic)
+        targets = [(p, info.leader) for p, info in parts.items() if info.leader != controller]
+        assert len(targets) == 2
+        rejected: list[tuple[float, int, str]] = []
+        answered = 0
+        stop = False
+
+        async def produce_loop(partition: int, leader: int) -> None:
+            nonlocal answered
+            while not stop:
+                batch = build_batch([b"v"], base_timestamp=int(time.time() * 1000))
+                request = ProduceRequest(
+                    acks=ACKS_LEADER,
+                    timeout_ms=5000,
+                    partitions=[
+                        ProducePartition(topic=topic, partition=partition, size=len(batch))
+                    ],
+                    payload=batch,
+                )
+                sent = trio.current_time()
+                try:
+                    response = await cluster.pool.call_typed(
+                        cluster.rpc(leader), request, ProduceResponse, timeout=5
+                    )
+                except DlogError as exc:
+                    rejected.append((sent, partition, repr(exc)))
+                else:
+                    result = response.partitions[0]
+                    answered += 1
+                    if result.error_code:
+                        rejected.append((sent, partition, result.error_message))
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            for partition, leader in targets:
+                assert leader is not None
+                nursery.start_soon(produce_loop, partition, leader)
+            await eventually(lambda: answered >= 20, timeout=10, what="produces answered")
+            killed_at = cluster.kill(controller)
+            survivors = [n for n in cluster.node_ids if n != controller]
+
+            async def new_controller() -> bool:
+                seen = {await cluster.controller(n) for n in survivors}
+                return len(seen) == 1 and seen.pop() not in (None, controller)
+
+            await eventually(new_controller, timeout=10, what="a new controller")
+            # Well past the election, still inside broker_session_timeout_ms.
+            await trio.sleep_until(killed_at + 3)
+            stop = True
+        after_kill = [(round(t - killed_at, 3), p, why) for t, p, why in rejected if t >= killed_at]
+        assert not after_kill, (
+            f"surviving leaders rejected {len(after_kill)} produces: {after_kill[:5]}"
+        )
