@@ -209,3 +209,104 @@ async def test_paused_leader_is_replaced_and_producers_follow(tmp_path: Path) ->
         check_acknowledged(acks, await consume_all(cluster.bootstrap, topic, 3))
         cluster.cleanup()
         compare_replica_logs(cluster, topic, hws)
+
+
+async def test_paused_controller_is_replaced_and_steps_down_when_it_resumes(
+    tmp_path: Path,
+) -> None:
+    """The controller hangs (SIGSTOP): the others elect a new one, which fences it and
+    creates topics. When it resumes it must step down (a higher Raft term), catch up
+    on what it missed, and rejoin as a plain broker, with no acknowledged write lost."""
+    topic = "zombie"
+    async with process_cluster(tmp_path) as cluster:
+        old = await cluster.controller(cluster.node_ids[0])
+        assert old is not None
+        survivors = [n for n in cluster.node_ids if n != old]
+        async with dlog.connect(cluster.bootstrap) as client:
+            await client.create_topic(topic, partitions=3, replication_factor=3)
+            await client.wait_for_topic(topic)
+        before = await cluster.partitions(old, topic)
+        steady = [p for p, info in before.items() if info.leader != old]
+
+        # Clients talk to the survivors only: a request to the hung node would wait out
+        # its timeout (see test_paused_leader_is_replaced_and_producers_follow).
+        acks = AckLog(topic)
+        async with (
+            dlog.connect([cluster.rpc(n) for n in survivors]) as client,
+            client.producer(acks="all", linger_ms=0) as producer,
+            trio.open_nursery() as nursery,
+        ):
+            for p in steady:
+                nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
+            await eventually(
+                lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in steady),
+                timeout=30,
+                what="acks flowing",
+            )
+
+            paused_at = cluster.pause(old)
+
+            async def new_controller() -> int | None:
+                seen = {await cluster.controller(n) for n in survivors}
+                if len(seen) == 1 and (c := seen.pop()) not in (None, old):
+                    return c
+                return None
+
+            new = await eventually(new_controller, timeout=10, what="a new controller")
+            await client.create_topic("during", partitions=1, replication_factor=2)
+
+            async def fenced_out() -> bool:
+                reply = await cluster.describe_cluster(new)
+                if not any(b.node_id == old and b.fenced for b in reply.brokers):
+                    return False
+                parts = await cluster.partitions(new, topic)
+                return all(old not in info.isr and info.leader != old for info in parts.values())
+
+            await eventually(fenced_out, timeout=10, what=f"node {old} fenced")
+            fenced_s = trio.current_time() - paused_at
+            resumed_at = trio.current_time()
+            await eventually(
+                lambda: all(acks.first_fresh_ack(p, resumed_at) for p in steady),
+                timeout=10,
+                what="acks=all on the smaller ISRs",
+            )
+
+            cluster.resume(old)
+
+            # It steps down: every node names the new controller, it is unfenced, back
+            # in every ISR, and its metadata caught up (it knows the topic it missed).
+            async def rejoined() -> bool:
+                for n in cluster.node_ids:
+                    if await cluster.controller(n) != new:
+                        return False
+                reply = await cluster.describe_cluster(new)
+                if any(b.fenced for b in reply.brokers):
+                    return False
+                for n in cluster.node_ids:
+                    parts = await cluster.partitions(n, topic)
+                    if any(sorted(info.isr) != sorted(info.replicas) for info in parts.values()):
+                        return False
+                    if len(await cluster.partitions(n, "during")) != 1:
+                        return False
+                return True
+
+            await eventually(rejoined, timeout=30, what=f"node {old} rejoined under {new}")
+            print(
+                f"SIGSTOP controller {old}: node {new} took over, fenced it after "
+                f"{fenced_s:.2f} s; rejoined {trio.current_time() - resumed_at:.2f} s "
+                "after SIGCONT"
+            )
+            acks.stopping = True
+
+        # Every node ends with the same metadata.
+        async def same_metadata() -> bool:
+            indexes = {(await cluster.describe_cluster(n)).metadata_index for n in cluster.node_ids}
+            return len(indexes) == 1
+
+        await eventually(same_metadata, timeout=10, what="one metadata index everywhere")
+        views = [await cluster.partitions(n, topic) for n in cluster.node_ids]
+        assert all(v == views[0] for v in views), views
+        hws = await wait_replicas_converged(cluster, topic, 3)
+        check_acknowledged(acks, await consume_all(cluster.bootstrap, topic, 3))
+        cluster.cleanup()
+        compare_replica_logs(cluster, topic, hws)
