@@ -318,3 +318,83 @@ async def test_controller_failover_leaves_other_partition_leaders_leading(
         assert not after_kill, (
             f"surviving leaders rejected {len(after_kill)} produces: {after_kill[:5]}"
         )
+
+
+async def test_lone_survivor_stops_taking_writes_and_the_cluster_recovers(
+    tmp_path: Path,
+) -> None:
+    """Two of three nodes (the controller among them) SIGKILLed: the survivor has no
+    Raft quorum, so within broker_session_timeout_ms it stops leading (even acks=leader
+    writes are refused) and no acks=all write is acknowledged. Restarted, the cluster
+    carries on with nothing acknowledged lost."""
+    topic = "minority"
+    async with (
+        process_cluster(tmp_path) as cluster,
+        dlog.connect(cluster.bootstrap) as client,
+    ):
+        await client.create_topic(topic, partitions=3, replication_factor=3)
+        await client.wait_for_topic(topic)
+        controller = await cluster.controller(cluster.node_ids[0])
+        assert controller is not None
+        parts = await full_isr(cluster, controller, topic)
+        survivor = next(n for n in cluster.node_ids if n != controller)
+        led = next(p for p, info in parts.items() if info.leader == survivor)
+
+        acks = AckLog(topic)
+        async with (
+            client.producer(acks="all", linger_ms=0) as producer,
+            trio.open_nursery() as nursery,
+        ):
+            for p in range(3):
+                nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
+            await eventually(
+                lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in range(3)),
+                timeout=30,
+                what="acks flowing on every partition",
+            )
+            killed_at = trio.current_time()
+            for n in cluster.node_ids:
+                if n != survivor:
+                    cluster.kill(n)
+
+            async def refused() -> bool:
+                batch = build_batch([b"minority"], base_timestamp=int(time.time() * 1000))
+                request = ProduceRequest(
+                    acks=ACKS_LEADER,
+                    timeout_ms=1000,
+                    partitions=[ProducePartition(topic=topic, partition=led, size=len(batch))],
+                    payload=batch,
+                )
+                response = await cluster.call(survivor, request, ProduceResponse)
+                return response.partitions[0].error_code != 0
+
+            # broker_session_timeout_ms is 4 s.
+            await eventually(refused, timeout=10, what=f"node {survivor} refuses writes")
+            refused_s = trio.current_time() - killed_at
+            for _ in range(10):
+                assert await refused(), f"node {survivor} took a write without a quorum"
+                await trio.sleep(0.1)
+            late = [
+                a.value
+                for sender in acks.acks.values()
+                for a in sender
+                if a.sent_at > killed_at + 0.05
+            ]
+            assert not late, f"acknowledged without a quorum of replicas: {late[:5]}"
+
+            await cluster.cluster_up()
+            restarted_at = trio.current_time()
+            await eventually(
+                lambda: all(acks.first_fresh_ack(p, restarted_at) for p in range(3)),
+                timeout=30,
+                what="acks=all on every partition after the restart",
+            )
+            print(
+                f"lone survivor {survivor}: refused writes {refused_s:.2f} s after the kills; "
+                f"acks again {trio.current_time() - restarted_at:.2f} s after cluster up"
+            )
+            acks.stopping = True
+        hws = await wait_replicas_converged(cluster, topic, 3)
+        check_acknowledged(acks, await consume_all(cluster.bootstrap, topic, 3))
+        cluster.cleanup()
+        compare_replica_logs(cluster, topic, hws)
