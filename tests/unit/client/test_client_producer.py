@@ -221,6 +221,28 @@ async def test_not_leader_hint_retries_on_the_new_leader_at_once(
         assert [node for node, _ in produce_requests(cluster)] == [1, 2]
 
 
+async def test_dead_leader_replaced_retries_on_the_new_leader_without_backoff(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """After a crash the retries back off to retry_backoff_max_ms; once the metadata
+    names a new leader the batch goes there at once, not after the backoff."""
+    async with open_fake_cluster(2) as cluster, cluster.connect() as client:
+        cluster.create_topic("t", leaders=[1])
+        await client.wait_for_topic("t")
+        cluster.stop_broker(1)
+        async with client.producer(linger_ms=0) as producer:
+            handle = producer.send_nowait("t", b"x")
+            await trio.sleep(2.5)  # retries to the dead broker: 0.1, 0.2, 0.4, 0.8, 1 s apart
+            assert not handle.done
+            moved = trio.current_time()
+            cluster.move_leader("t", 0, 2)  # the controller elected a new leader
+            meta = await handle
+            # Learned within a metadata refresh (retry_backoff_ms) and sent at once.
+            assert trio.current_time() - moved <= 0.2
+        assert meta.offset == 0
+        assert cluster.partition("t", 0).values() == [b"x"]
+
+
 async def test_leader_change_mid_stream_keeps_every_record_in_order(
     autojump_clock: trio.abc.Clock,
 ) -> None:
