@@ -64,6 +64,7 @@ from dlog.errors import (
     MessageTooLargeError,
     NetworkError,
     NotLeaderError,
+    ProtocolError,
     RequestTimedOutError,
     UnknownServerError,
     UnknownTopicOrPartitionError,
@@ -923,14 +924,23 @@ class Producer:
         response: ProduceResponse | None = None
         error: DlogError | None = None
         try:
+            try:
+                # A broker whose connects keep failing (a dead leader) fails the request
+                # at once instead of holding it in the pool's reconnect backoff, where
+                # it would count as in flight and miss a new leader in the metadata.
+                conn = await self._pool.connection(address, deadline=now)
+            except RequestTimedOutError as exc:
+                raise NetworkError(exc.message, address=address) from None
+            call = await conn.start_call(request, timeout=timeout)
             if self._acks == ACKS_NONE:
-                conn = await self._pool.connection(address, deadline=now + timeout)
-                call = await conn.start_call(request, timeout=timeout)
                 call.forget()
             else:
-                response = await self._pool.call_typed(
-                    address, request, ProduceResponse, timeout=timeout
-                )
+                answer = await call.result()
+                if not isinstance(answer, ProduceResponse):
+                    raise ProtocolError(
+                        f"expected ProduceResponse, got {type(answer).__name__} from {address}"
+                    )
+                response = answer
         except DlogError as exc:
             error = exc
         self._in_flight_by_node[node] -= 1
