@@ -120,7 +120,11 @@ def serve(args: argparse.Namespace) -> None:
         if cmd["cmd"] == "digest":
             return {"count": sm.count, "crc": sm.crc, "applied": node.applied_index.value}
         if cmd["cmd"] == "stats":
-            return {"fsyncs": storage.fsyncs, "records": storage.records_written}
+            return {
+                "fsyncs": storage.fsyncs,
+                "records": storage.records_written,
+                "cpu_s": time.process_time(),
+            }
         size = cmd["size"]
         if cmd["cmd"] == "throughput":
             return await throughput(node, cmd["seconds"], cmd["concurrency"], size)
@@ -220,7 +224,6 @@ class Child:
 
     def stop(self) -> None:
         try:
-            self.ask(cmd="quit") if False else None
             assert self.proc.stdin is not None
             self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
             self.proc.stdin.flush()
@@ -271,6 +274,7 @@ def main() -> int:
             leader = wait_for_leader(children)
             # Warm up (connections, caches), then measure.
             leader.ask(cmd="throughput", seconds=1.0, concurrency=args.concurrency, size=args.size)
+            cpu_before = [c.ask(cmd="stats")["cpu_s"] for c in children]
             before = leader.ask(cmd="stats")
             tp = leader.ask(
                 cmd="throughput",
@@ -279,6 +283,11 @@ def main() -> int:
                 size=args.size,
             )
             after = leader.ask(cmd="stats")
+            cpu_after = [c.ask(cmd="stats")["cpu_s"] for c in children]
+            cpu_us = {
+                ("leader" if c is leader else f"follower {c.node}"): (b - a) / tp["commits"] * 1e6
+                for c, a, b in zip(children, cpu_before, cpu_after, strict=True)
+            }
             if tp.get("errors"):
                 raise RuntimeError(f"{tp['errors']} proposals failed during the throughput run")
             lat = leader.ask(cmd="latency", count=args.latency_count, size=args.size)
@@ -312,6 +321,7 @@ def main() -> int:
         ("throughput", f"{commits_s:,.0f} entries/s"),
         ("leader fsyncs/s", f"{fsyncs / tp['seconds']:,.0f}"),
         ("entries per fsync", f"{tp['commits'] / max(1, fsyncs):,.1f}"),
+        *((f"CPU per entry, {who}", f"{us:.1f} us") for who, us in cpu_us.items()),
         ("latency proposals", str(len(latencies))),
         ("commit latency p50", f"{p50:.3f} ms"),
         ("commit latency p99", f"{p99:.3f} ms"),
@@ -331,6 +341,7 @@ def main() -> int:
                 "concurrency": args.concurrency,
                 "entry_bytes": args.size,
                 "fsyncs_s": round(fsyncs / tp["seconds"], 1),
+                "cpu_us_per_entry": round(sum(cpu_us.values()), 1),
             }
         )
     )
