@@ -44,6 +44,7 @@ async def kill_leader_and_restart(
     assert victim is not None
     led = sorted(p for p, info in parts.items() if info.leader == victim)
     survivors = [n for n in cluster.node_ids if n != victim]
+    controller = await cluster.controller(survivors[0])
 
     killed_at = cluster.kill(victim)
 
@@ -58,6 +59,7 @@ async def kill_leader_and_restart(
         return True
 
     await eventually(failed_over, timeout=FAILOVER_DEADLINE_S, what=f"failover from {victim}")
+    moved_s = trio.current_time() - killed_at
 
     async def acked_again() -> float | None:
         firsts = [acks.first_fresh_ack(p, killed_at) for p in led]
@@ -67,6 +69,11 @@ async def kill_leader_and_restart(
 
     elapsed = await eventually(
         acked_again, timeout=FAILOVER_DEADLINE_S, what=f"acks=all on {led} after killing {victim}"
+    )
+    role = "controller and leader" if victim == controller else "leader"
+    print(
+        f"  SIGKILL node {victim} ({role} of {led}): new leaders seen after {moved_s:.2f} s, "
+        f"acks=all again after {elapsed:.2f} s"
     )
 
     await cluster.cluster_up()
