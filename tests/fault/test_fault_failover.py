@@ -16,6 +16,7 @@ import dlog
 from tests.fault.processes import ProcessCluster, eventually, process_cluster
 from tests.fault.workload import (
     AckLog,
+    LiveConsumer,
     check_acknowledged,
     compare_replica_logs,
     consume_all,
@@ -107,35 +108,43 @@ async def run_failovers(tmp_path: Path, kills: int, seed: int) -> None:
         acks = AckLog(TOPIC)
         failovers: list[float] = []
         victims: list[int] = []
-        async with (
-            client.producer(acks="all", linger_ms=0) as one_by_one,
-            client.producer(acks="all", linger_ms=2) as pipelined,
-            trio.open_nursery() as nursery,
-        ):
-            started = trio.current_time()
-            for p in range(PARTITIONS):
-                nursery.start_soon(acks.send_one_at_a_time, one_by_one, p, f"single-p{p}")
-                nursery.start_soon(acks.send_pipelined, pipelined, p, f"window-p{p}")
-            await eventually(
-                lambda: all(acks.first_fresh_ack(p, started) for p in range(PARTITIONS)),
-                timeout=30,
-                what="acks flowing on every partition",
-            )
-            for _ in range(kills):
-                victim, elapsed = await kill_leader_and_restart(
-                    cluster, acks, rng.randrange(PARTITIONS)
+        # A consumer reads along the whole time and must ride through every failover.
+        live = LiveConsumer(client, TOPIC, PARTITIONS)
+        async with trio.open_nursery() as consuming:
+            await consuming.start(live.run)
+            async with (
+                client.producer(acks="all", linger_ms=0) as one_by_one,
+                client.producer(acks="all", linger_ms=2) as pipelined,
+                trio.open_nursery() as nursery,
+            ):
+                started = trio.current_time()
+                for p in range(PARTITIONS):
+                    nursery.start_soon(acks.send_one_at_a_time, one_by_one, p, f"single-p{p}")
+                    nursery.start_soon(acks.send_pipelined, pipelined, p, f"window-p{p}")
+                await eventually(
+                    lambda: all(acks.first_fresh_ack(p, started) for p in range(PARTITIONS)),
+                    timeout=30,
+                    what="acks flowing on every partition",
                 )
-                victims.append(victim)
-                failovers.append(elapsed)
-            acks.stopping = True
+                for _ in range(kills):
+                    victim, elapsed = await kill_leader_and_restart(
+                        cluster, acks, rng.randrange(PARTITIONS)
+                    )
+                    victims.append(victim)
+                    failovers.append(elapsed)
+                acks.stopping = True
+            hws = await wait_replicas_converged(cluster, TOPIC, PARTITIONS)
+            await live.wait_until(hws, timeout=30)
+            consuming.cancel_scope.cancel()
         print(
             f"{kills} SIGKILLs of partition leaders (nodes {victims}): kill -> acks=all "
             f"again: {summary(failovers)}; {acks.total()} values acknowledged, "
             f"{len(acks.failures)} sends failed"
         )
-        hws = await wait_replicas_converged(cluster, TOPIC, PARTITIONS)
         consumed = await consume_all(cluster.bootstrap, TOPIC, PARTITIONS)
         check_acknowledged(acks, consumed)
+        for p in range(PARTITIONS):
+            assert live.seen[p] == consumed[p], f"partition {p}: the live consumer read otherwise"
         cluster.cleanup()
         on_disk = compare_replica_logs(cluster, TOPIC, hws)
         for p in range(PARTITIONS):
@@ -165,39 +174,46 @@ async def test_whole_cluster_crash_loses_nothing_acknowledged(tmp_path: Path) ->
         await client.create_topic(TOPIC, partitions=PARTITIONS, replication_factor=3)
         await client.wait_for_topic(TOPIC)
         acks = AckLog(TOPIC)
-        async with (
-            client.producer(acks="all", linger_ms=0) as one_by_one,
-            client.producer(acks="all", linger_ms=2) as pipelined,
-            trio.open_nursery() as nursery,
-        ):
-            started = trio.current_time()
-            for p in range(PARTITIONS):
-                nursery.start_soon(acks.send_one_at_a_time, one_by_one, p, f"single-p{p}")
-                nursery.start_soon(acks.send_pipelined, pipelined, p, f"window-p{p}")
-            await eventually(
-                lambda: all(acks.first_fresh_ack(p, started) for p in range(PARTITIONS)),
-                timeout=30,
-                what="acks flowing on every partition",
-            )
-            await trio.sleep(1)
-            crashed_at = trio.current_time()
-            for n in cluster.node_ids:
-                cluster.kill(n)
-            acked_before = acks.total()
-            await cluster.cluster_up()
-            await eventually(
-                lambda: all(acks.first_fresh_ack(p, crashed_at) for p in range(PARTITIONS)),
-                timeout=30,
-                what="acks=all on every partition after the restart",
-            )
-            print(
-                f"whole-cluster crash: {acked_before} values acknowledged before it; acks "
-                f"again {trio.current_time() - crashed_at:.2f} s after the kill"
-            )
-            acks.stopping = True
-        hws = await wait_replicas_converged(cluster, TOPIC, PARTITIONS)
+        live = LiveConsumer(client, TOPIC, PARTITIONS)
+        async with trio.open_nursery() as consuming:
+            await consuming.start(live.run)
+            async with (
+                client.producer(acks="all", linger_ms=0) as one_by_one,
+                client.producer(acks="all", linger_ms=2) as pipelined,
+                trio.open_nursery() as nursery,
+            ):
+                started = trio.current_time()
+                for p in range(PARTITIONS):
+                    nursery.start_soon(acks.send_one_at_a_time, one_by_one, p, f"single-p{p}")
+                    nursery.start_soon(acks.send_pipelined, pipelined, p, f"window-p{p}")
+                await eventually(
+                    lambda: all(acks.first_fresh_ack(p, started) for p in range(PARTITIONS)),
+                    timeout=30,
+                    what="acks flowing on every partition",
+                )
+                await trio.sleep(1)
+                crashed_at = trio.current_time()
+                for n in cluster.node_ids:
+                    cluster.kill(n)
+                acked_before = acks.total()
+                await cluster.cluster_up()
+                await eventually(
+                    lambda: all(acks.first_fresh_ack(p, crashed_at) for p in range(PARTITIONS)),
+                    timeout=30,
+                    what="acks=all on every partition after the restart",
+                )
+                print(
+                    f"whole-cluster crash: {acked_before} values acknowledged before it; acks "
+                    f"again {trio.current_time() - crashed_at:.2f} s after the kill"
+                )
+                acks.stopping = True
+            hws = await wait_replicas_converged(cluster, TOPIC, PARTITIONS)
+            await live.wait_until(hws, timeout=30)
+            consuming.cancel_scope.cancel()
         consumed = await consume_all(cluster.bootstrap, TOPIC, PARTITIONS)
         check_acknowledged(acks, consumed)
+        for p in range(PARTITIONS):
+            assert live.seen[p] == consumed[p], f"partition {p}: the live consumer read otherwise"
         cluster.cleanup()
         on_disk = compare_replica_logs(cluster, TOPIC, hws)
         for p in range(PARTITIONS):

@@ -121,6 +121,37 @@ async def consume_all(
     return seen
 
 
+class LiveConsumer:
+    """A consumer reading from the beginning while faults happen (it must ride through
+    leader changes itself); ``auto_offset_reset="error"``, so a position it is told is
+    out of range fails the test instead of silently re-reading."""
+
+    def __init__(self, client: dlog.Client, topic: str, partitions: int) -> None:
+        self.client = client
+        self.topic = topic
+        self.seen: dict[int, list[bytes]] = {p: [] for p in range(partitions)}
+        self.positions: dict[int, int] = dict.fromkeys(range(partitions), 0)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self.client.consumer(
+            self.topic, from_beginning=True, auto_offset_reset="error"
+        ) as consumer:
+            task_status.started()
+            while True:
+                batch = await consumer.getmany(max_records=50_000, timeout_ms=1_000)
+                for p, records in batch.items():
+                    self.seen[p].extend(r.value for r in records if r.value is not None)
+                for p in self.positions:
+                    self.positions[p] = consumer.position(p)
+
+    async def wait_until(self, ends: dict[int, int], *, timeout: float) -> None:
+        await eventually(
+            lambda: all(self.positions[p] >= end for p, end in ends.items()),
+            timeout=timeout,
+            what=f"the live consumer reaches {ends}",
+        )
+
+
 def check_acknowledged(log: AckLog, seen: dict[int, list[bytes]]) -> None:
     """Every acknowledged value was consumed, and per sender the first occurrences
     follow the acknowledgement order (retries may duplicate, never reorder or lose)."""
