@@ -158,11 +158,14 @@ class ProcessCluster:
             "--timeout",
             str(timeout),
         ]
-        with trio.fail_after(timeout + 30):
-            done = await trio.run_process(
-                args, capture_stdout=True, capture_stderr=True, check=False
-            )
-        self._record_pids()
+        try:
+            with trio.fail_after(timeout + 30):
+                done = await trio.run_process(
+                    args, capture_stdout=True, capture_stderr=True, check=False
+                )
+        finally:
+            # Whatever it started is ours to clean up, even if it failed or hung.
+            self._record_pids()
         out = done.stdout.decode() + done.stderr.decode()
         if done.returncode != 0:
             raise AssertionError(f"dlogctl cluster up failed ({done.returncode}): {out}")
