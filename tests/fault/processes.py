@@ -132,6 +132,22 @@ class ProcessCluster:
         _wait_gone(pid, timeout=10)
         return killed_at
 
+    def terminate(self, node_id: int) -> int:
+        """SIGTERM the node (a controlled shutdown); its pid, to wait for with
+        :meth:`exited`."""
+        pid = self.pid(node_id)
+        os.kill(pid, signal.SIGTERM)
+        return pid
+
+    def exited(self, pid: int) -> bool:
+        """Whether a pid this test started is gone (reaping it if it is our child)."""
+        assert pid in self.pids
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return not pid_alive(pid)
+
     def pause(self, node_id: int) -> float:
         """SIGSTOP the node (it keeps its sockets but answers nothing); the time."""
         pid = self.pid(node_id)

@@ -398,15 +398,18 @@ async def test_lone_survivor_stops_taking_writes_and_the_cluster_recovers(
         2,
         pytest.param(
             1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "cluster up always starts node 1 with --bootstrap-cluster; with its "
-                    "data dir gone, node 1 formats a new cluster id and bootstraps a "
-                    "second, one-node cluster on the same addresses instead of joining "
-                    "through its seeds (cluster up then times out: 'waiting for [2, 3]')"
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.xfail(
+                    strict=True,
+                    reason=(
+                        "cluster up always starts node 1 with --bootstrap-cluster; with its "
+                        "data dir gone, node 1 formats a new cluster id and bootstraps a "
+                        "second, one-node cluster on the same addresses instead of joining "
+                        "through its seeds (cluster up then times out: 'waiting for [2, 3]')"
+                    ),
                 ),
-            ),
+            ],
         ),
     ],
     ids=["joining-node", "bootstrap-node"],
@@ -467,3 +470,77 @@ async def test_wiped_broker_rejoins_with_a_new_identity_and_gets_every_replica(
             assert values[p] == [b"before-%d-%d" % (p, i) for i in range(500)] + [
                 b"after-%d-%d" % (p, i) for i in range(100)
             ]
+
+
+@pytest.mark.parametrize("role", ["leader", "controller"])
+async def test_sigterm_moves_leaderships_away_before_the_node_exits(
+    tmp_path: Path, role: str
+) -> None:
+    """SIGTERM starts a controlled shutdown: the node has its partition leaderships
+    moved to other ISR members (and hands over Raft leadership if it is the
+    controller) before it exits, within controlled_shutdown_timeout_ms (5 s), so
+    producers barely notice; restarted, it rejoins every ISR."""
+    topic = "graceful"
+    async with (
+        process_cluster(tmp_path) as cluster,
+        dlog.connect(cluster.bootstrap) as client,
+    ):
+        await client.create_topic(topic, partitions=3, replication_factor=3)
+        await client.wait_for_topic(topic)
+        controller = await cluster.controller(cluster.node_ids[0])
+        assert controller is not None
+        victim = (
+            controller
+            if role == "controller"
+            else next(n for n in cluster.node_ids if n != controller)
+        )
+        before = await full_isr(cluster, controller, topic)
+        led = [p for p, info in before.items() if info.leader == victim]
+        assert led
+        survivors = [n for n in cluster.node_ids if n != victim]
+
+        acks = AckLog(topic)
+        async with (
+            client.producer(acks="all", linger_ms=0) as producer,
+            trio.open_nursery() as nursery,
+        ):
+            for p in range(3):
+                nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
+            await eventually(
+                lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in range(3)),
+                timeout=30,
+                what="acks flowing on every partition",
+            )
+            stopped_at = trio.current_time()
+            pid = cluster.terminate(victim)
+            await eventually(
+                lambda: cluster.exited(pid), timeout=10, what=f"node {victim} exits", interval=0.01
+            )
+            exited_s = trio.current_time() - stopped_at
+            # Already moved when it exited: no detection delay as after a crash.
+            parts = await cluster.partitions(survivors[0], topic)
+            for p in led:
+                assert parts[p].leader in survivors, f"partition {p} still led by {victim}"
+                assert parts[p].leader_epoch > before[p].leader_epoch
+            if role == "controller":
+                assert await cluster.controller(survivors[0]) in survivors
+
+            async def acked_again() -> float | None:
+                firsts = [acks.first_fresh_ack(p, stopped_at) for p in range(3)]
+                if any(f is None for f in firsts):
+                    return None
+                return max(f.acked_at for f in firsts if f is not None) - stopped_at
+
+            acked_s = await eventually(acked_again, timeout=10, what="acks=all on every partition")
+            print(
+                f"SIGTERM {role} {victim}: exited after {exited_s:.2f} s with {led} moved; "
+                f"acks=all on every partition {acked_s:.2f} s after the signal"
+            )
+            await cluster.cluster_up()
+            for node in cluster.node_ids:
+                await full_isr(cluster, node, topic)
+            acks.stopping = True
+        hws = await wait_replicas_converged(cluster, topic, 3)
+        check_acknowledged(acks, await consume_all(cluster.bootstrap, topic, 3))
+        cluster.cleanup()
+        compare_replica_logs(cluster, topic, hws)
