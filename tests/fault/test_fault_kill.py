@@ -240,15 +240,6 @@ async def test_killed_controller_is_replaced_and_topics_can_be_created(tmp_path:
         assert description.controller is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "brokers stop leading their partitions during every Raft election, not after "
-        "broker_session_timeout_ms: dlog.raft.RaftNode.heard_from_leader_within is False "
-        "on a follower once pre-vote clears core.leader (0.5-1 s after the leader died) "
-        "and on a new leader until a quorum has acked it in its term"
-    ),
-)
 async def test_controller_failover_leaves_other_partition_leaders_leading(
     tmp_path: Path,
 ) -> None:

@@ -131,14 +131,6 @@ async def test_paused_follower_is_fenced_and_returns_to_isr(tmp_path: Path) -> N
         compare_replica_logs(cluster, topic, hws)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a producer's request to a hung (SIGSTOPped) leader waits out request_timeout_ms "
-        "+ 1 s (31 s): neither the client's metadata listener nor dlog.net's pool notice "
-        "that the leadership moved or that the peer stopped answering"
-    ),
-)
 async def test_paused_leader_is_replaced_and_producers_follow(tmp_path: Path) -> None:
     """A leader that hangs (SIGSTOP) rather than crashes: its socket stays open and the
     kernel accepts bytes for it, so no connection error tells clients it is gone. Its
