@@ -78,7 +78,6 @@ async def _produce_and_consume(client: Client) -> None:
                 break
             for partition, records in batch.items():
                 for r in records:
-                    console.print(
-                        f"  consumed {r[3].decode()!r} <- partition {partition}, offset {r[0]}"
-                    )
+                    value = (r[3] or b"").decode()
+                    console.print(f"  consumed {value!r} <- partition {partition}, offset {r[0]}")
                     got += 1
