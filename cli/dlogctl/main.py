@@ -30,4 +30,5 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    # The same name in usage lines however it was started (`python -m dlogctl` too).
+    app(prog_name="dlogctl")
