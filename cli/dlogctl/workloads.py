@@ -27,8 +27,9 @@ from dlog.client import Client, Consumer, DeliveryHandle, Producer
 VALUE_BYTES = 100
 #: Digits of the sequence number in each value (after the tag).
 SEQUENCE_DIGITS = 20
-#: Producer settings for throughput runs: big batches, a short linger.
-THROUGHPUT_PRODUCER = {"linger_ms": 2, "batch_size": 1 << 20}
+#: Producer settings for throughput runs: big batches (well under the broker's default
+#: max_message_bytes of 1 MiB), a short linger.
+THROUGHPUT_PRODUCER = {"linger_ms": 2, "batch_size": 512 << 10}
 _MASK = 0xFFFF_FFFF_FFFF_FFFF
 
 Progress = Callable[[int], None]

@@ -117,7 +117,16 @@ class RaftQuorum:
         ]
 
     def heard_from_leader_within(self, seconds: float) -> bool:
-        return self.node.heard_from_leader_within(seconds)
+        """Was this node in touch with a working Raft leader in the last ``seconds``?
+
+        As leader: a quorum answered it that recently. Otherwise: a leader's message
+        arrived that recently -- whether or not a leader is known right now, so an
+        election (which clears the known leader at once) does not cut the session
+        short; only ``seconds`` of silence does.
+        """
+        if self.node.heard_from_leader_within(seconds):
+            return True
+        return trio.current_time() - self.node._leader_contact <= seconds
 
     async def wait_leader_ready(self) -> None:
         await self.node.wait_leader_ready()

@@ -184,6 +184,11 @@ class _Unplaced:
         self.event = trio.Event()
 
 
+#: A produce answer this late gets the metadata refreshed every second, so a leader
+#: that hangs (rather than failing) is noticed once the controller moved its partitions.
+_OVERDUE_S = 1.0
+
+
 class DeliveryHandle:
     """The outcome of one record given to :meth:`Producer.send_nowait`.
 
@@ -926,9 +931,7 @@ class Producer:
                 call = await conn.start_call(request, timeout=timeout)
                 call.forget()
             else:
-                response = await self._pool.call_typed(
-                    address, request, ProduceResponse, timeout=timeout
-                )
+                response = await self._await_unless_moved(node, address, request, parts, timeout)
         except DlogError as exc:
             error = exc
         self._in_flight_by_node[node] -= 1
@@ -958,6 +961,58 @@ class Producer:
                     failure = error_from_wire(result.error_code, result.error_message, details)
                     self._on_error(q, batches, failure, result, now)
         self._wake.set()
+
+    async def _await_unless_moved(
+        self,
+        node: int,
+        address: str,
+        request: ProduceRequest,
+        parts: list[tuple[_PartitionQueue, list[_Batch]]],
+        timeout: float,
+    ) -> ProduceResponse:
+        """The broker's answer -- unless the metadata shows every partition of the
+        request led elsewhere first (a leader that hangs, e.g. a paused process, answers
+        nothing until ``request_timeout_ms``): then NotLeaderError, and the batches are
+        retried on the new leader at once. While the answer is overdue (past
+        ``_OVERDUE_S``) the metadata is refreshed every second to notice such a move.
+        A batch abandoned this way may still be appended by the old leader (a duplicate
+        at worst, as retries allow; acks=all data on a fenced leader never commits)."""
+        topics = [(q.topic, q.partition) for q, _ in parts]
+        with trio.CancelScope() as scope:
+
+            def moved(view: ClusterView) -> None:
+                for topic, partition in topics:
+                    info = view.partition(topic, partition)
+                    if info is None or info.leader is None or info.leader == node:
+                        return
+                scope.cancel()
+
+            async def refresh_while_overdue() -> None:
+                await trio.sleep(_OVERDUE_S)
+                while True:
+                    self._metadata.request_refresh()
+                    await trio.sleep(1.0)
+
+            self._metadata.add_listener(moved)
+            failure: DlogError | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(refresh_while_overdue)
+                    try:
+                        response = await self._pool.call_typed(
+                            address, request, ProduceResponse, timeout=timeout
+                        )
+                    except DlogError as exc:
+                        failure = exc  # raised below, outside the nursery: not wrapped
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._metadata.remove_listener(moved)
+            if failure is not None:
+                raise failure
+            return response
+        raise NotLeaderError(
+            f"partitions moved away from broker {node} while it did not answer", leader=None
+        )
 
     def _on_success(self, q: _PartitionQueue, batches: list[_Batch], base_offset: int) -> None:
         q.in_flight = []

@@ -43,7 +43,6 @@ from dlog.errors import (
 )
 from dlog.net.framing import (
     DEFAULT_MAX_FRAME_BYTES,
-    NEED_DATA,
     Frame,
     FrameDecoder,
     encode_header,
@@ -152,8 +151,8 @@ class RpcServer:
             self._routes[op_name] = (op, route if isinstance(route, Route) else Route(route))
         self._draining = False
         self._in_flight = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        # Made only while drain() waits: most requests never touch an Event.
+        self._idle: trio.Event | None = None
         self._cancel_scope: trio.CancelScope | None = None
         #: Test hook: while set, new connections are closed at once and open ones are
         #: dropped, as if the network to this server were cut.
@@ -209,7 +208,9 @@ class RpcServer:
         self._draining = True
         finished = False
         with trio.move_on_after(self.config.drain_timeout_s if timeout_s is None else timeout_s):
-            await self._idle.wait()
+            if self._in_flight:
+                self._idle = trio.Event()
+                await self._idle.wait()
             finished = True
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
@@ -225,13 +226,11 @@ class RpcServer:
         return self._in_flight
 
     def _request_started(self) -> None:
-        if self._in_flight == 0:
-            self._idle = trio.Event()
         self._in_flight += 1
 
     def _request_finished(self) -> None:
         self._in_flight -= 1
-        if self._in_flight == 0:
+        if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
 
     async def _api_versions(self, request: ApiVersionsRequest) -> ApiVersionsResponse:
@@ -295,11 +294,7 @@ class _ServerConnection:
             self.writer.cork()
             try:
                 self.decoder.receive_data(data)
-                while True:
-                    frame = self.decoder.next_frame()
-                    if frame is NEED_DATA:
-                        break
-                    assert isinstance(frame, Frame)
+                for frame in self.decoder.frames():
                     await self._dispatch(frame, nursery)
                     if self.closing:
                         return
@@ -326,7 +321,8 @@ class _ServerConnection:
             raise ProtocolError(f"unknown operation {name!r}", correlation_id=cid)
         op, route = entry
         try:
-            check_version(op, header.get("v", 0))
+            if "v" in header:
+                check_version(op, header["v"])
             request = from_body(op.request, header.get("b", {}), frame.payload)
         except UnsupportedVersionError as exc:
             await self._send_error(cid, exc)
@@ -388,7 +384,7 @@ class _ServerConnection:
             return response
         try:
             payload = response.payload
-            size = payload_length(payload)
+            size = payload_length(payload) if payload else 0
             head = encode_header({"i": cid, "b": to_body(response)}, size)
         except Exception as exc:
             # A response that cannot be encoded is a bug in the handler; it is this
@@ -400,9 +396,13 @@ class _ServerConnection:
         # Inline answers are corked by the read loop; a handler task alone on its
         # connection writes at once; with others in flight, the writer task batches.
         alone = self.in_flight <= 1
+        writer = self.writer
         try:
             if not size:
-                await self.writer.enqueue(head, write_now=alone)
+                if writer.has_room:
+                    writer.enqueue_nowait(head, write_now=alone)
+                else:
+                    await writer.enqueue(head, write_now=alone)
             elif isinstance(payload, bytes | bytearray | memoryview):
                 await self.writer.enqueue(head, payload, write_now=alone)
             else:

@@ -824,11 +824,13 @@ class RaftCore:
         voters = self._voters
         if self.role is not Role.LEADER or not voters:
             return False
-        last = self.log.last_index()
+        # We count ourselves only for entries already durable here: our appends may
+        # go out before our own write (thesis 10.2.1, Ready.send_before_persist).
+        durable = min(self.log.last_index(), self.log.unstable.offset - 1)
         matches = []
         for node_id in voters:
             if node_id == self.node_id:
-                matches.append(last)
+                matches.append(durable)
             else:
                 pr = self._progress.get(node_id)
                 matches.append(pr.match if pr is not None else 0)
@@ -1199,6 +1201,14 @@ class RaftCore:
             ),
             read_states=tuple(self._read_states),
             must_sync=bool(entries) or hard.term != prev.term or hard.vote != prev.vote,
+            # A leader whose term and vote are already durable sends nothing that
+            # depends on this Ready's writes: it counts itself only once they are done.
+            send_before_persist=(
+                self.role is Role.LEADER
+                and hard.term == prev.term
+                and hard.vote == prev.vote
+                and log.unstable.snapshot is None
+            ),
         )
         self._msgs = []
         self._read_states = []
@@ -1219,3 +1229,6 @@ class RaftCore:
                 self.log.applied = rd.snapshot.meta.index
         if rd.committed_entries:
             self.log.applied_to(rd.committed_entries[-1].index)
+        if rd.entries and self.role is Role.LEADER and self._maybe_commit():
+            # Our own copy just became durable and completed a quorum.
+            self._bcast_append()

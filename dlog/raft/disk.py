@@ -15,18 +15,25 @@ CRC-32C cover type and body). Types:
   (a follower's conflicting suffix), exactly as in memory.
 - START: the log starts after (prev_index, prev_term); first record of a rewritten WAL.
 
-Recovery reads records until the first one that is short or fails its CRC, truncates
-the file there (a torn tail: a write the driver never acknowledged, since it fsyncs
-before sending anything that depends on it) and rebuilds the in-memory view. Snapshot
-and WAL rewrites (compaction, installing a leader's snapshot) are written to a temp
-file, fsynced, renamed over the old one, and the directory is fsynced; the snapshot is
-always written before the WAL that depends on it, so any crash leaves a readable pair.
+The WAL is preallocated (``posix_fallocate``) in large steps and written with
+``pwrite`` at its logical end, so an append does not change the file's size and
+``fdatasync`` only flushes data (no journal commit per record on ext4).
+
+Recovery reads records until the first one that is short or fails its CRC (or the
+preallocated zeros begin), truncates the file there (a torn tail: a write the driver
+never acknowledged, since it fsyncs before sending anything that depends on it) and
+rebuilds the in-memory view. Snapshot and WAL rewrites (compaction, installing a
+leader's snapshot) are written to a temp file, fsynced, renamed over the old one, and
+the directory is fsynced; the snapshot is always written before the WAL that depends
+on it, so any crash leaves a readable pair.
 
 Reads are served from memory (:class:`MemoryStorage`); the metadata log is small and
-compacted after snapshots. Writes are async: the blocking write and fsync run in a
-worker thread (``trio.to_thread``), the in-memory view is updated afterwards in the
-caller's thread, so the core never sees an entry before it is durable. Writes are
-serialized by a lock. ``open`` and ``close`` are synchronous (start-up and shutdown).
+compacted after snapshots. Writes are async: a small record is written into reserved
+page cache from the caller's thread and only the fsync runs in a worker thread
+(``trio.to_thread``); big records, snapshots and rewrites are written there too. The
+in-memory view changes only once the write is durable, so the core never sees an entry
+before that. Writes are serialized by a lock. ``open`` and ``close`` are synchronous
+(start-up and shutdown).
 """
 
 from __future__ import annotations
@@ -68,6 +75,13 @@ _SNAP_HEADER = struct.Struct(">4sII")  # magic, metadata length, crc32c(metadata
 _SNAP_MAGIC = b"RSN1"
 #: A record longer than this is treated as garbage (a torn length field).
 MAX_RECORD_BYTES = 1 << 30
+#: Records up to this size are written from the calling thread (then fsynced in a
+#: worker); larger ones are written by the worker too.
+INLINE_WRITE_BYTES = 256 << 10
+#: WAL space reserved at a time.
+DEFAULT_PREALLOCATE_BYTES = 16 << 20
+#: How far past the last valid record recovery looks for non-zero (torn) bytes.
+TAIL_WINDOW_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,12 +187,17 @@ class DiskStorage(MemoryStorage):
     Use :meth:`open` (which formats an empty directory) rather than the constructor.
     """
 
-    def __init__(self, path: Path, identity: Identity, lock_fd: int) -> None:
+    def __init__(
+        self, path: Path, identity: Identity, lock_fd: int, preallocate_bytes: int
+    ) -> None:
         super().__init__()
         self.path = path
         self.identity = identity
         self._lock_fd = lock_fd
         self._wal_fd = -1
+        self._preallocate = preallocate_bytes
+        #: Bytes of the WAL file reserved with fallocate (>= wal_bytes).
+        self._allocated = 0
         self._write_lock = trio.Lock()
         #: Bytes of WAL appended since the last rewrite (for observers and tests).
         self.wal_bytes = 0
@@ -201,8 +220,12 @@ class DiskStorage(MemoryStorage):
         cluster_id: str,
         node_id: NodeId,
         directory_id: str | None = None,
+        preallocate_bytes: int = DEFAULT_PREALLOCATE_BYTES,
     ) -> DiskStorage:
         """Open (formatting if empty) the Raft directory ``path``.
+
+        The WAL file is extended ``preallocate_bytes`` at a time (0: not at all), so
+        appends do not change its size and ``fdatasync`` need not commit metadata.
 
         ``directory_id`` is the identity to format with (default: a new random one);
         pass the node's own (e.g. the broker's) so Raft and the node agree on it, and
@@ -223,7 +246,7 @@ class DiskStorage(MemoryStorage):
             raise StorageError(f"{root} is in use by another process") from None
         try:
             identity = cls._load_identity(root, cluster_id, node_id, directory_id)
-            storage = cls(root, identity, lock_fd)
+            storage = cls(root, identity, lock_fd, preallocate_bytes)
             storage._recover()
         except BaseException:
             os.close(lock_fd)
@@ -302,7 +325,10 @@ class DiskStorage(MemoryStorage):
             else:
                 break  # an unknown record type: treat like corruption
             valid = end
-        self.truncated_bytes = len(data) - valid
+        # Past the last valid record: preallocated zeros, or a torn/corrupt tail (at
+        # most about one record; look at a bounded window, not all the zeros).
+        window = data[valid : valid + TAIL_WINDOW_BYTES]
+        self.truncated_bytes = len(window.rstrip(b"\x00"))
         if self.truncated_bytes:
             logger.warning(
                 "%s: truncating a torn or corrupt WAL tail of %d bytes at offset %d",
@@ -310,12 +336,15 @@ class DiskStorage(MemoryStorage):
                 self.truncated_bytes,
                 valid,
             )
-        fd = os.open(wal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if self.truncated_bytes:
+        fd = os.open(wal_path, os.O_RDWR | os.O_CREAT, 0o644)
+        if len(data) != valid:
+            # Cut everything after the last valid record (so no stale bytes can ever
+            # be read as a record); fresh zeros are preallocated as needed.
             os.ftruncate(fd, valid)
             os.fsync(fd)
         self._wal_fd = fd
         self.wal_bytes = valid
+        self._allocated = valid
 
         # The in-memory view: the snapshot, then whatever of the log follows it.
         start_entry = Entry(start_index, start_term, EntryType.NOOP, b"")
@@ -356,10 +385,35 @@ class DiskStorage(MemoryStorage):
 
     # --- writing -------------------------------------------------------------------
 
+    def _reserve(self, size: int) -> None:
+        """Make room for ``size`` more bytes at the end of the WAL (fallocate)."""
+        need = self.wal_bytes + size
+        if need <= self._allocated:
+            return
+        if self._preallocate:
+            target = need + self._preallocate
+            try:
+                os.posix_fallocate(self._wal_fd, self._allocated, target - self._allocated)
+                self._allocated = target
+                return
+            except OSError as exc:  # a filesystem without fallocate: just append
+                logger.info("%s: cannot preallocate the WAL (%s)", self.path, exc)
+                self._preallocate = 0
+        self._allocated = need
+
+    def _write_at_end(self, record: bytes) -> None:
+        view = memoryview(record)
+        offset = self.wal_bytes
+        while view:
+            written = os.pwrite(self._wal_fd, view, offset)
+            view = view[written:]
+            offset += written
+
     def _append_record(self, record: bytes, sync: bool) -> None:
-        _write_all(self._wal_fd, record)
+        self._reserve(len(record))
+        self._write_at_end(record)
         if sync:
-            os.fsync(self._wal_fd)
+            os.fdatasync(self._wal_fd)
 
     async def save(
         self,
@@ -381,7 +435,17 @@ class DiskStorage(MemoryStorage):
             if hard_state is None and not entries:
                 return
             record = encode_state(hard_state, entries)
-            await trio.to_thread.run_sync(self._append_record, record, sync)
+            if (
+                len(record) <= INLINE_WRITE_BYTES
+                and self.wal_bytes + len(record) <= self._allocated
+            ):
+                # A small write into reserved page cache does not block for long; the
+                # fsync may, so only it goes to a worker thread (one thread hop, not two).
+                self._write_at_end(record)
+                if sync:
+                    await trio.to_thread.run_sync(os.fdatasync, self._wal_fd)
+            else:
+                await trio.to_thread.run_sync(self._append_record, record, sync)
             self.wal_bytes += len(record)
             self.records_written += 1
             self.fsyncs += sync
@@ -401,15 +465,15 @@ class DiskStorage(MemoryStorage):
             self._replace_wal(wal)
 
         await trio.to_thread.run_sync(write)
-        self.wal_bytes = len(wal)
         super().apply_snapshot(snapshot)
 
     def _replace_wal(self, content: bytes) -> None:
         path = self.path / "wal"
         write_atomically(path, content)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        fd = os.open(path, os.O_RDWR)
         os.close(self._wal_fd)
         self._wal_fd = fd
+        self.wal_bytes = self._allocated = len(content)
 
     async def save_snapshot(self, meta: SnapshotMeta, data: bytes) -> Snapshot:
         """Durably record a snapshot the local state machine took at ``meta.index``."""
@@ -439,7 +503,6 @@ class DiskStorage(MemoryStorage):
                 self._hard_state, kept
             )
             await trio.to_thread.run_sync(self._replace_wal, wal)
-            self.wal_bytes = len(wal)
             super().compact(index)
 
     # The synchronous writers of MemoryStorage would bypass the disk.
@@ -467,10 +530,15 @@ def open_disk_storage(
     cluster_id: str,
     node_id: NodeId,
     directory_id: str | None = None,
+    preallocate_bytes: int = DEFAULT_PREALLOCATE_BYTES,
 ) -> Iterator[DiskStorage]:
     """:meth:`DiskStorage.open` as a context manager that closes it."""
     storage = DiskStorage.open(
-        path, cluster_id=cluster_id, node_id=node_id, directory_id=directory_id
+        path,
+        cluster_id=cluster_id,
+        node_id=node_id,
+        directory_id=directory_id,
+        preallocate_bytes=preallocate_bytes,
     )
     try:
         yield storage

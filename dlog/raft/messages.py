@@ -335,7 +335,8 @@ class Ready:
 
     1. persist ``snapshot`` (if any), then ``hard_state`` and ``entries`` (overwriting
        any stored entries from ``entries[0].index`` on), fsync if ``must_sync``;
-    2. send ``messages``;
+    2. send ``messages`` -- or, if ``send_before_persist``, send them before step 1
+       (a leader replicating while it writes its own copy, thesis 10.2.1);
     3. restore the state machine from ``snapshot`` (if any), then apply
        ``committed_entries`` in order; serve ``read_states`` once applied;
     4. call :meth:`RaftCore.advance` with this Ready.
@@ -349,3 +350,5 @@ class Ready:
     committed_entries: tuple[Entry, ...] = ()
     read_states: tuple[ReadState, ...] = ()
     must_sync: bool = False
+    #: The messages do not depend on this Ready's writes and may be sent first.
+    send_before_persist: bool = False

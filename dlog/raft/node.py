@@ -60,6 +60,7 @@ from dlog.raft.messages import (
     Configuration,
     Entry,
     EntryType,
+    HardState,
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
@@ -247,6 +248,7 @@ class RaftNode:
         self._announced: dict[NodeId, str] = {}
         self.address = ""
         self._leader_contact = -math.inf
+        self._unsaved_hard_state: HardState | None = None
         self._applied_config = Configuration()
         self._leader_ready = False
         self._last_snapshot_index = 0
@@ -653,15 +655,26 @@ class RaftNode:
         core = self.core
         if rd.soft_state is not None:
             self._publish_status()
-        if rd.snapshot is not None or rd.hard_state is not None or rd.entries:
+        if rd.send_before_persist:
+            for m in rd.messages:
+                self._send(m)
+        if rd.entries or rd.snapshot is not None or rd.must_sync:
+            hard_state = rd.hard_state or self._unsaved_hard_state
+            self._unsaved_hard_state = None
             await self.storage.save(
-                hard_state=rd.hard_state,
+                hard_state=hard_state,
                 entries=rd.entries,
                 snapshot=rd.snapshot,
-                sync=rd.must_sync,
+                sync=rd.must_sync or rd.snapshot is not None,
             )
-        for m in rd.messages:
-            self._send(m)
+        elif rd.hard_state is not None:
+            # Only the commit index moved. It can always be learnt again from the
+            # leader, so it is written with the next entries, not on its own: that
+            # would put a disk write between commit and apply.
+            self._unsaved_hard_state = rd.hard_state
+        if not rd.send_before_persist:
+            for m in rd.messages:
+                self._send(m)
         if rd.snapshot is not None:
             self.state_machine.restore(rd.snapshot.data)
             self._applied_config = rd.snapshot.meta.config

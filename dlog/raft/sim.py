@@ -414,6 +414,11 @@ class Simulation:
             if rd is None:
                 return
             node.ready = rd
+            if rd.send_before_persist:
+                # A leader replicating while it writes (thesis 10.2.1): a crash before
+                # the persist stage loses its own copy of what it already sent.
+                for msg in rd.messages:
+                    self._send(msg)
             if rd.snapshot is None:
                 nxt = _PERSIST
         else:
@@ -426,8 +431,9 @@ class Simulation:
             elif stage == _PERSIST:
                 self._persist(node, rd)
             elif stage == _SEND:
-                for msg in rd.messages:
-                    self._send(msg)
+                if not rd.send_before_persist:
+                    for msg in rd.messages:
+                        self._send(msg)
             else:
                 self._apply(node, rd)
                 core.advance(rd)

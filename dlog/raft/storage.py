@@ -19,6 +19,7 @@ from dlog.errors import OffsetOutOfRangeError, StorageError
 from dlog.raft.messages import (
     EMPTY_HARD_STATE,
     EMPTY_SNAPSHOT,
+    ENTRY_OVERHEAD,
     Entry,
     EntryType,
     HardState,
@@ -65,8 +66,9 @@ def limit_size(entries: list[Entry], max_bytes: int) -> list[Entry]:
     if not entries:
         return entries
     total = 0
+    overhead = ENTRY_OVERHEAD
     for i, e in enumerate(entries):
-        total += e.size
+        total += len(e.data) + overhead
         if total > max_bytes and i > 0:
             return entries[:i]
     return entries

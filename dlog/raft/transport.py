@@ -29,7 +29,7 @@ from dlog.errors import DlogError, ProtocolError
 from dlog.net.client import PendingCall, RpcPool
 from dlog.net.messages import Message, payload_bytes, register
 from dlog.raft.codec import message_from_wire, message_to_wire
-from dlog.raft.messages import AnyMessage
+from dlog.raft.messages import ENTRY_OVERHEAD, AnyMessage
 from dlog.types import NodeId
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,6 @@ class PeerSender:
 def _payload_size(m: AnyMessage) -> int:
     entries = getattr(m, "entries", None)
     if entries:
-        return sum(e.size for e in entries)
+        return sum([len(e.data) for e in entries]) + ENTRY_OVERHEAD * len(entries)
     data = getattr(m, "data", None)
     return len(data) if isinstance(data, bytes) else 0

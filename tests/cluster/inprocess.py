@@ -90,6 +90,26 @@ class InProcessCluster:
         with trio.fail_after(10):
             await member.broker.stopped.wait()
 
+    def isolate(self, node_id: int) -> None:
+        """Cut ``node_id`` off from every other node (RPC, Raft and gossip), both ways,
+        through the transports' fault-injection hooks; it keeps running."""
+        victim = self.members[node_id]
+        b = victim.broker
+        b.rpc_server.refuse_connections = True
+        b.rpc_server.drop_connections()
+        b.pool.faults.block_all()
+        b.gossip.isolated = True
+        raft_pool = b.quorum.node._pool
+        assert raft_pool is not None
+        raft_pool.faults.block_all()
+        for other in self.members.values():
+            if other.node_id == node_id or not other.running:
+                continue
+            other.broker.pool.faults.block(victim.addresses.rpc)
+            other_raft = other.broker.quorum.node._pool
+            assert other_raft is not None
+            other_raft.faults.block(victim.addresses.raft)
+
     @property
     def bootstrap(self) -> list[str]:
         return [m.addresses.rpc for m in self.members.values() if m.running]

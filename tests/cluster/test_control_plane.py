@@ -9,12 +9,15 @@ import pytest
 import trio
 
 from dlog.errors import (
+    ErrorCode,
     InvalidConfigError,
     InvalidReplicationFactorError,
     InvalidTopicError,
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
+from dlog.net.protocol import ProducePartition, ProduceRequest, ProduceResponse
+from dlog.storage import build_batch
 from tests.cluster.inprocess import InProcessCluster, inprocess_cluster, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -181,3 +184,50 @@ async def test_admin_bad_input_changes_nothing(tmp_path: Path) -> None:
         with pytest.raises(UnknownTopicOrPartitionError):
             await client.describe_topic("missing")
         assert sorted(t.name for t in await client.list_topics()) == before
+
+
+async def test_cut_off_leader_stops_leading_within_the_session_timeout(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path, broker_session_timeout_ms=2000) as cluster:
+        async with cluster.client() as client:
+            await client.create_topic("t", partitions=3, replication_factor=3)
+            await client.wait_for_topic("t")
+        ctrl = cluster.controller()
+        assert ctrl is not None
+        # Cut off a broker that leads a partition (the controller too, if it leads one).
+        victim = next(
+            m
+            for m in cluster.members.values()
+            if any(leader == m.node_id for leader, _ in leaders(cluster, "t").values())
+        )
+        led = [p for p, (leader, _) in leaders(cluster, "t").items() if leader == victim.node_id]
+        cluster.isolate(victim.node_id)
+        # It stops acting as leader once it has heard from no Raft leader for the
+        # session timeout (2 s here; the deadline leaves room for a busy machine).
+        await wait_for(lambda: not victim.broker._session_ok(), 10)
+        batch = bytes(build_batch([b"x"], base_timestamp=1_700_000_000_000))
+        response = await victim.broker.replicas.produce(
+            ProduceRequest(
+                acks=1,
+                timeout_ms=1000,
+                partitions=[ProducePartition(topic="t", partition=led[0], size=len(batch))],
+                payload=batch,
+            )
+        )
+        assert isinstance(response, ProduceResponse)
+        assert response.partitions[0].error_code == ErrorCode.NOT_LEADER_OR_FOLLOWER
+        # Meanwhile the majority fences it and moves its leaderships.
+        others = [m for m in cluster.members.values() if m is not victim]
+
+        def moved() -> bool:
+            for m in others:
+                ctrl_now = m.broker.controller
+                if ctrl_now is not None and ctrl_now.active:
+                    image = m.broker.image
+                    return all(
+                        (info := image.partition("t", p)) is not None
+                        and info.leader not in (None, victim.node_id)
+                        for p in led
+                    )
+            return False
+
+        await wait_for(moved, 15)

@@ -149,6 +149,13 @@ class DataPlaneCluster:
             broker_session_timeout_ms=1000,
             leader_rebalance_interval_ms=0,
         )
+        node = self._fresh_node(node_id, cfg)
+        self.nodes[node_id] = node
+        await self._run_node(node)
+        return node
+
+    def _fresh_node(self, node_id: int, cfg: BrokerConfig) -> Node:
+        """A node with empty memory (image, partitions) over its data directory."""
         image = MetadataImage()
         logs = LogManager(cfg.data_dir / "logs", self.clock, LogConfig())
         holder: dict[str, Node] = {}
@@ -181,8 +188,6 @@ class DataPlaneCluster:
         )
         node = Node(node_id, cfg, image, logs, rm, server)
         holder["node"] = node
-        self.nodes[node_id] = node
-        await self._run_node(node)
         return node
 
     async def _run_node(self, node: Node, port: int = 0) -> None:
@@ -218,39 +223,7 @@ class DataPlaneCluster:
     async def restart(self, node_id: int) -> None:
         old = self.nodes[node_id]
         port = int(old.address.rsplit(":", 1)[1])
-        image = MetadataImage()
-        logs = LogManager(old.config.data_dir / "logs", self.clock, LogConfig())
-        node = old
-        node.image = image
-        node.logs = logs
-        node.rm = ReplicaManager(
-            old.config,
-            logs,
-            self.pool,
-            ReplicaManagerHooks(
-                image=lambda: image,
-                controller_address=self.controller_address,
-                session_ok=lambda: node.up,
-            ),
-            self.clock,
-        )
-        rm = node.rm
-
-        async def alter_partition(req: AlterPartitionRequest) -> object:
-            assert self.controller is not None
-            return await self.controller.alter_partition(req)
-
-        node.server = RpcServer(
-            {
-                "produce": Route(rm.produce, inline=True),
-                "fetch": rm.fetch,
-                "list_offsets": Route(rm.list_offsets, inline=True),
-                "offsets_for_leader_epoch": Route(rm.offsets_for_leader_epoch, inline=True),
-                "replica_status": Route(rm.replica_status, inline=True),
-                "alter_partition": alter_partition,  # type: ignore[dict-item]
-            },
-            name=f"node{node_id}",
-        )
+        node = self.nodes[node_id] = self._fresh_node(node_id, old.config)
         await self._run_node(node, port)
         self.quorum.catch_up(node)
 

@@ -162,6 +162,8 @@ class FakeCluster:
         self.faults: list[Fault] = []
         self.requests: list[tuple[int, str, Message]] = []
         self.produce_gate: trio.Event | None = None
+        #: Brokers whose produce handlers never answer (as if the process were paused).
+        self.hung_nodes: set[int] = set()
         #: Applied once to the next partition data a fetch returns (then cleared).
         self.mangle_fetch: Callable[[bytes], bytes] | None = None
         #: Produce requests that overlapped another for the same partition.
@@ -525,6 +527,8 @@ class FakeBroker:
                 )
             if c.produce_gate is not None:
                 await c.produce_gate.wait()
+            if self.node_id in c.hung_nodes:
+                await trio.sleep_forever()  # a paused process: no answer, no error
             if req.acks == -1:
                 await self._wait_for_hw(req, results)
             if drop_after:

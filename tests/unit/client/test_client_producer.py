@@ -501,3 +501,23 @@ async def test_send_many_does_not_linger_on_its_last_batch(autojump_clock: trio.
             await producer.send_many("t", [b"a", b"b"])
             await producer.send_many("t", [b"c"], partition=1)
             assert trio.current_time() == start
+
+
+async def test_a_hung_leader_is_abandoned_once_the_partition_moves(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A leader that neither answers nor fails (a paused process) must not hold the
+    # partition for the whole request timeout once the cluster moved it elsewhere.
+    async with open_fake_cluster(2) as cluster, cluster.connect() as client:
+        cluster.create_topic("t", 1, leaders=[1])
+        await client.wait_for_topic("t")
+        async with client.producer(acks="all", request_timeout_ms=30_000) as producer:
+            await producer.send("t", b"before")
+            cluster.hung_nodes.add(1)
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(producer.send, "t", b"during")
+                await trio.sleep(0.5)
+                cluster.move_leader("t", 0, 2)
+            assert trio.current_time() - start < 5  # not the 30 s request timeout
+        assert cluster.partition("t", 0).values()[-1] == b"during"

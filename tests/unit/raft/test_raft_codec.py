@@ -200,3 +200,18 @@ def test_create_snapshot_checks_the_log() -> None:
         s.create_snapshot(SnapshotMeta(index=2, term=1, config=config_of([1])), b"")
     with pytest.raises(StorageError):
         s.create_snapshot(SnapshotMeta(index=3, term=2, config=config_of([1])), b"")
+
+
+def test_the_core_imports_no_io() -> None:
+    """The sans-I/O modules import neither trio nor socket (checked in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dlog.raft, dlog.raft.core, dlog.raft.sim;"
+        "bad = [m for m in ('trio', 'socket', 'dlog.net') if m in sys.modules];"
+        "assert not bad, bad;"
+        "from dlog.raft import RaftCore, MemoryStorage;"
+        "assert 'trio' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
