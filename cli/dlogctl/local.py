@@ -23,13 +23,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import trio
-
-from dlog.errors import DlogError
-from dlog.net.client import ClientConfig, open_rpc_pool
-from dlog.net.protocol import DescribeClusterRequest, DescribeClusterResponse
 from dlogctl.common import CLUSTER_FILE
+
+if TYPE_CHECKING:
+    from dlog.net.protocol import DescribeClusterResponse
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,8 +250,20 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def describe_now(addresses: list[str], timeout: float = 2.0) -> DescribeClusterResponse | None:
+    """:func:`describe` from synchronous code."""
+    import trio
+
+    return trio.run(describe, addresses, timeout)
+
+
 async def describe(addresses: list[str], timeout: float = 2.0) -> DescribeClusterResponse | None:
     """The cluster as the first reachable node sees it, or None."""
+    # Imported here: `dlogctl cluster --help` and the process helpers need no trio or net.
+    from dlog.errors import DlogError
+    from dlog.net.client import ClientConfig, open_rpc_pool
+    from dlog.net.protocol import DescribeClusterRequest, DescribeClusterResponse
+
     async with open_rpc_pool(ClientConfig(connect_timeout_s=timeout)) as pool:
         for address in addresses:
             try:
@@ -298,7 +309,7 @@ def wait_ready(spec: ClusterSpec, *, timeout_s: float = 60, ids: set[int] | None
     deadline = time.monotonic() + timeout_s
     state = ""
     while time.monotonic() < deadline:
-        reply = trio.run(describe, [n.rpc for n in spec.nodes])
+        reply = describe_now([n.rpc for n in spec.nodes])
         ok, state = ready_state(reply, want)
         if ok:
             return
