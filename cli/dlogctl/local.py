@@ -163,8 +163,11 @@ def start_node(
     ]
     for seed in seeds:
         args += ["--join", seed]
-    if node.id == cluster.nodes[0].id:
-        # A no-op once the node's Raft state exists, so restarts are safe.
+    if node.id == cluster.nodes[0].id and not any(
+        (n.path / "meta.json").exists() for n in cluster.nodes if n.id != node.id
+    ):
+        # Only while no other node was ever formatted: once the cluster exists, a
+        # restarted first node (even one whose disk was lost) joins it through gossip.
         args.append("--bootstrap-cluster")
     with open(node.log_file, "ab") as log:
         proc = subprocess.Popen(
