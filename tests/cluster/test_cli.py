@@ -346,6 +346,9 @@ def test_top_once_shows_isr_and_hw_then_the_shrunk_isr_after_a_kill(
         leos = dict(pair.split(":") for pair in r["LEO per replica"].split())
         assert set(leos) == {"1", "2", "3"} and set(leos.values()) == {r["HW"]}
     assert "rates" not in tables  # a rate needs two snapshots: not in --once
+    # Without a terminal (a pipe, a script) plain `top` prints that one snapshot too.
+    piped = parse_tables(dlogctl("top", *b, timeout=30).ok().stdout)
+    assert [r["part"] for r in watched(piped)] == ["0", "1", "2"]
 
     victim = int(rows[0]["leader"])
     led_before = {r["part"]: int(r["epoch"]) for r in rows if r["leader"] == str(victim)}
