@@ -16,9 +16,13 @@ How a record travels:
 4. A partition has at most one request in flight at a time (with all its waiting
    batches in it), so the broker sees its batches in order however it schedules
    concurrent requests. After a retriable error the partition's batches go back to
-   the front of its queue and are resent one batch per request, after a backoff (none
-   when the error named a newer leader), until one succeeds; order is kept and a
-   record may be duplicated when a request was applied but its answer lost.
+   the front of its queue and are resent one batch per request, after a backoff, until
+   one succeeds; order is kept and a record may be duplicated when a request was
+   applied but its answer lost. After an error that says the leader may have moved
+   (NOT_LEADER_OR_FOLLOWER, a dead connection, ...), the metadata is refreshed every
+   ``retry_backoff_ms`` while the partition backs off, and the backoff ends as soon as
+   the metadata names another leader (or the error named a newer one): a failover
+   costs one metadata refresh, not a backoff grown to ``retry_backoff_max_ms``.
 5. A batch not acknowledged ``delivery_timeout_ms`` after it was opened fails with
    RequestTimedOutError; so do records whose topic never appears in the metadata
    within ``max_block_ms``.
@@ -243,6 +247,7 @@ class _PartitionQueue:
 
     __slots__ = (
         "backoff_until",
+        "failed_leader",
         "failures",
         "in_flight",
         "open",
@@ -261,6 +266,9 @@ class _PartitionQueue:
         self.retrying = False
         self.failures = 0
         self.backoff_until = -math.inf
+        #: The broker whose answer (or dead connection) said it may not lead any more,
+        #: while this partition backs off; None otherwise.
+        self.failed_leader: int | None = None
 
 
 class _TopicState:
@@ -776,6 +784,13 @@ class Producer:
     def _on_metadata(self, view: ClusterView) -> None:
         for topic in self._topics:
             self._ensure_topic(topic, view)
+        now = trio.current_time()
+        for q in self._active.values():
+            if q.failed_leader is None or q.in_flight or q.backoff_until <= now:
+                continue
+            leader = view.leader(q.topic, q.partition)
+            if leader is not None and leader[0] != q.failed_leader:
+                q.backoff_until = now  # a new leader: retry there at once
         for topic in [t for t in self._unplaced if t in view.topics]:
             self._place(self._unplaced.pop(topic), self._ensure_topic(topic, view))
         self._wake.set()
@@ -849,6 +864,10 @@ class Producer:
             next_at = min(next_at, q.ready[0].deadline)
             if q.backoff_until > now:
                 next_at = min(next_at, q.backoff_until)
+                if q.failed_leader is not None:
+                    # Keep the view fresh: each refresh calls _on_metadata, which
+                    # ends the backoff once another broker leads.
+                    want_metadata = True
                 continue
             leader = view.leader(q.topic, q.partition)
             if leader is None:
@@ -926,8 +945,14 @@ class Producer:
         response: ProduceResponse | None = None
         error: DlogError | None = None
         try:
+            try:
+                # A broker whose connects keep failing (a dead leader) fails the request
+                # at once instead of holding it in the pool's reconnect backoff, where
+                # it would count as in flight and miss a new leader in the metadata.
+                conn = await self._pool.connection(address, deadline=now)
+            except RequestTimedOutError as exc:
+                raise NetworkError(exc.message, address=address) from None
             if self._acks == ACKS_NONE:
-                conn = await self._pool.connection(address, deadline=now + timeout)
                 call = await conn.start_call(request, timeout=timeout)
                 call.forget()
             else:
@@ -939,7 +964,7 @@ class Producer:
         now = trio.current_time()
         if error is not None:
             for q, batches in parts:
-                self._on_error(q, batches, error, None, now)
+                self._on_error(q, batches, error, None, now, node)
         elif response is None:
             for q, batches in parts:
                 self._on_success(q, batches, -1)
@@ -951,7 +976,7 @@ class Producer:
                     missing = UnknownServerError(
                         f"produce response from {address} has no result for {q.topic}-{q.partition}"
                     )
-                    self._on_error(q, batches, missing, None, now)
+                    self._on_error(q, batches, missing, None, now, node)
                 elif result.error_code == 0:
                     self._on_success(q, batches, result.base_offset)
                 else:
@@ -959,7 +984,7 @@ class Producer:
                     if result.leader is not None:
                         details = {"leader": result.leader, "leader_epoch": result.leader_epoch}
                     failure = error_from_wire(result.error_code, result.error_message, details)
-                    self._on_error(q, batches, failure, result, now)
+                    self._on_error(q, batches, failure, result, now, node)
         self._wake.set()
 
     async def _await_unless_moved(
@@ -1018,6 +1043,7 @@ class Producer:
         q.in_flight = []
         q.retrying = False
         q.failures = 0
+        q.failed_leader = None
         offset = base_offset
         for batch in batches:
             self._release(batch.reserved)
@@ -1032,8 +1058,10 @@ class Producer:
         exc: DlogError,
         result: ProducePartitionResult | None,
         now: float,
+        node: int,
     ) -> None:
         q.in_flight = []
+        q.failed_leader = None
         if not exc.retriable:
             log.debug("produce to %s-%d failed: %s", q.topic, q.partition, exc)
             for batch in batches:
@@ -1047,6 +1075,8 @@ class Producer:
             )
         if isinstance(exc, _LEADER_ERRORS):
             self._metadata.request_refresh()
+            if not moved:
+                q.failed_leader = node
         retry: list[_Batch] = []
         for batch in batches:
             if batch.deadline <= now:

@@ -221,6 +221,33 @@ async def test_not_leader_hint_retries_on_the_new_leader_at_once(
         assert [node for node, _ in produce_requests(cluster)] == [1, 2]
 
 
+@pytest.mark.parametrize("dead_for", [2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4])
+async def test_dead_leader_replaced_retries_on_the_new_leader_without_backoff(
+    autojump_clock: trio.abc.Clock, dead_for: float
+) -> None:
+    """After a crash the retries back off to retry_backoff_max_ms, and reconnects to
+    the dead broker to reconnect_backoff_max_s (faster with two partitions failing
+    there). Once the metadata names a new leader each batch goes there at once,
+    wherever in those backoffs that happens."""
+    async with open_fake_cluster(2) as cluster, cluster.connect() as client:
+        cluster.create_topic("t", partitions=2, leaders=[1, 1])
+        await client.wait_for_topic("t")
+        cluster.stop_broker(1)
+        async with client.producer(linger_ms=0) as producer:
+            handles = [producer.send_nowait("t", b"x%d" % p, partition=p) for p in (0, 1)]
+            await trio.sleep(dead_for)  # retries to the dead broker, further and further apart
+            assert not any(h.done for h in handles)
+            moved = trio.current_time()
+            cluster.move_leader("t", 0, 2)  # the controller elected a new leader
+            cluster.move_leader("t", 1, 2)
+            metas = [await h for h in handles]
+            # Learned within a metadata refresh (retry_backoff_ms) and sent at once.
+            assert trio.current_time() - moved <= 0.2
+        assert [m.offset for m in metas] == [0, 0]
+        assert cluster.partition("t", 0).values() == [b"x0"]
+        assert cluster.partition("t", 1).values() == [b"x1"]
+
+
 async def test_leader_change_mid_stream_keeps_every_record_in_order(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -19,13 +19,6 @@ from dlog.net.messages import ApiVersionsRequest
 NOWHERE = "127.0.0.1:1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RpcPool.connection computes reconnect_backoff_s * 2 ** (failures - 1) before "
-    "capping it at reconnect_backoff_max_s; from the 1025th consecutive failed connect to "
-    "one address the int power no longer converts to float and OverflowError escapes "
-    "(in a broker, out of the Raft sender and the whole node)",
-)
 async def test_a_peer_down_for_thousands_of_reconnects_only_gives_network_errors(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -20,13 +20,6 @@ from dlog.storage.config import LogConfig
 from dlog.storage.manager import LogManager
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LogManager.delete closes the log and renames its directory while the flush "
-    "loop's fsync of that log is still running in a worker thread; the thread's "
-    "fsync_directory(<old path>) fails with ENOENT, the StorageError ends the flush loop "
-    "and with it the LogManager (the node exits)",
-)
 async def test_deleting_a_log_during_its_background_fsync_keeps_the_manager_running(
     tmp_path: Path, clock: ManualClock, make_batch: MakeBatch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
