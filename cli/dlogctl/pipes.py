@@ -39,6 +39,8 @@ async def produce_lines(
     separator: str | None,
     linger_ms: int,
 ) -> tuple[int, int]:
+    """Produce one record per stdin line (KEY<separator>VALUE when a separator is given);
+    returns (records sent, records that failed)."""
     sep = separator.encode() if separator is not None else None
     stdin = sys.stdin.buffer
     sent = failed = 0
@@ -100,6 +102,8 @@ async def print_records(
     timeout_ms: int | None,
     mode: str,
 ) -> int:
+    """Write records to stdout until ``max_records`` or ``timeout_ms`` without one (else
+    forever); commits the group's position at the end. Returns how many were written."""
     out = sys.stdout
     encode = _b64 if mode == "binary" else _text
     count = 0

@@ -6,6 +6,7 @@ Keys in the live view: ``q`` quits, ``t`` cycles the topic filter, ``a`` shows a
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -14,7 +15,9 @@ from dlogctl.common import BootstrapOption, DataDirOption, resolve_bootstrap, ru
 
 
 def top(
-    once: bool = typer.Option(False, "--once", help="Print one snapshot and exit."),
+    once: bool = typer.Option(
+        False, "--once", help="Print one snapshot and exit (also when stdout is no terminal)."
+    ),
     topic: str | None = typer.Option(None, "--topic", help="Only this topic."),
     interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between refreshes."),
     bootstrap: str | None = BootstrapOption,
@@ -24,7 +27,7 @@ def top(
     from dlogctl import top_view
 
     addresses = resolve_bootstrap(bootstrap, data_dir)
-    if once:
+    if once or not sys.stdout.isatty():
         run(top_view.once, addresses, topic)
     else:
         run(top_view.live, addresses, interval, topic)

@@ -118,7 +118,8 @@ def render(
     header.append(f"metadata index: {status.metadata_index}   ")
     header.append(f"answered by: node {status.answered_by}")
     if status.unreachable:
-        header.append(f"   unreachable: {status.unreachable}", style="bold red")
+        nodes = ", ".join(map(str, sorted(status.unreachable)))
+        header.append(f"\nnot answering: node {nodes}", style="bold red")
     if notice:
         header.append(f"\n{notice}", style="yellow")
 
@@ -151,7 +152,11 @@ def render(
             leo = ""
             hw = "-"
             if leader_state is not None:
-                leo = " ".join(f"{r.node_id}:{r.log_end_offset}" for r in leader_state.replicas)
+                # -1: a new leader has not heard from that follower yet.
+                leo = " ".join(
+                    f"{r.node_id}:{r.log_end_offset if r.log_end_offset >= 0 else '?'}"
+                    for r in leader_state.replicas
+                )
                 hw = str(leader_state.high_watermark)
             partitions.add_row(
                 topic.name,

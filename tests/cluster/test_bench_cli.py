@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from dlogctl.local import ClusterSpec, start_cluster
+from dlogctl.local import ClusterSpec, node_pid
 
 from tests.cluster.local_cli import (
     DLOGCTL,
@@ -32,11 +32,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSpec]:
 
 
 @pytest.fixture
-def healthy(cluster: ClusterSpec) -> ClusterSpec:
-    """The cluster with every node running: deleting a throwaway topic can still take a
-    node down (see tests/unit/storage/test_storage_delete_during_flush.py)."""
-    start_cluster(Path(cluster.data_dir))
-    return cluster
+def healthy(cluster: ClusterSpec) -> Iterator[ClusterSpec]:
+    """The cluster, checked to have every node still running after the test: creating,
+    filling and deleting throwaway topics once made nodes exit (see
+    tests/unit/storage/test_storage_delete_during_flush.py)."""
+    yield cluster
+    exited = [n.id for n in cluster.nodes if node_pid(n) is None]
+    assert not exited, f"node(s) {exited} exited; see {[str(n.log_file) for n in cluster.nodes]}"
 
 
 def topic_names(spec: ClusterSpec) -> set[str]:

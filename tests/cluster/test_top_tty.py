@@ -100,12 +100,18 @@ def test_top_renders_resizes_filters_and_quits_cleanly(cluster: ClusterSpec) -> 
     assert child.exitstatus == 0
 
 
-def test_the_topic_filter_shows_only_that_topic(cluster: ClusterSpec) -> None:
-    child = spawn(" ".join([DLOGCTL, "top", *SLOW, "--topic", "beta", *bootstrap(cluster)]))
+def test_the_topic_filter_shows_only_that_topic_and_its_produce_rate(
+    cluster: ClusterSpec,
+) -> None:
+    b = bootstrap(cluster)
+    child = spawn(" ".join([DLOGCTL, "top", "--interval", "0.5", "--topic", "beta", *b]))
     try:
         child.expect_exact("filter: beta")
         frame = child.before
         assert "beta" in frame and "alpha" not in frame
+        # Records arriving show as a produce rate (HW growth between two snapshots).
+        dlogctl("produce", "beta", *b, input="".join(f"r{i}\n" for i in range(300))).ok()
+        child.expect(r"beta\s*│\s*[1-9][\d.]*k?/s")
         child.send("q")
         child.expect(pexpect.EOF)
     finally:
