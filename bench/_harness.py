@@ -1,18 +1,32 @@
-"""Shared by the data-plane benchmarks: local clusters, unique values, checksums."""
+"""Shared by the data-plane benchmarks: local clusters; the workloads, unique values and
+checksums come from :mod:`dlogctl.workloads` (what ``dlogctl bench`` runs too)."""
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from dlogctl.local import ClusterSpec, start_cluster, stop_cluster
+from dlogctl.workloads import (
+    VALUE_BYTES,
+    checksum,
+    expected_checksum,
+    median,
+    percentile,
+    values,
+)
 
-VALUE_BYTES = 100
-_PAD = b"x" * VALUE_BYTES
+__all__ = [
+    "VALUE_BYTES",
+    "checksum",
+    "expected_checksum",
+    "local_cluster",
+    "median",
+    "percentile",
+    "values",
+]
 
 
 @contextmanager
@@ -24,37 +38,3 @@ def local_cluster(nodes: int) -> Iterator[ClusterSpec]:
             yield spec
         finally:
             stop_cluster(spec)
-
-
-def values(start: int, count: int) -> list[bytes]:
-    """``count`` unique 100-byte values: a zero-padded sequence number and padding."""
-    return [b"%020d" % i + _PAD[20:] for i in range(start, start + count)]
-
-
-def checksum(chunks: Iterator[bytes] | list[bytes]) -> int:
-    """Order-independent checksum of a set of values (sum of CRC-32s, mod 2^64)."""
-    total = 0
-    for v in chunks:
-        total += zlib.crc32(v)
-    return total & 0xFFFF_FFFF_FFFF_FFFF
-
-
-def expected_checksum(count: int) -> int:
-    return (
-        checksum(values(0, count))
-        if count < 2_000_000
-        else sum(checksum(values(i, min(1_000_000, count - i))) for i in range(0, count, 1_000_000))
-        & 0xFFFF_FFFF_FFFF_FFFF
-    )
-
-
-def percentile(samples: list[float], p: float) -> float:
-    if not samples:
-        return float("nan")
-    ordered = sorted(samples)
-    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[k]
-
-
-def median(samples: list[float]) -> float:
-    return statistics.median(samples) if samples else float("nan")

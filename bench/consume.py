@@ -13,53 +13,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-import zlib
 from pathlib import Path
 
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import VALUE_BYTES, expected_checksum, local_cluster, median, values
+from _harness import VALUE_BYTES, expected_checksum, local_cluster, median
+from dlogctl import workloads
 
 import dlog
-
-CHUNK = 20_000
 
 
 async def fill(bootstrap: list[str], topic: str, records: int, partitions: int) -> None:
     async with dlog.connect(bootstrap) as client:
         await client.create_topic(topic, partitions=partitions, replication_factor=3)
         await client.wait_for_topic(topic)
-        async with client.producer(acks="all", linger_ms=2, batch_size=512 << 10) as producer:
-            async with trio.open_nursery() as nursery:
-                for first in range(0, records, CHUNK):
-                    count = min(CHUNK, records - first)
-                    nursery.start_soon(producer.send_many, topic, values(first, count))
-                    if first // CHUNK % 4 == 3:
-                        await producer.flush()
+        async with client.producer(acks="all", **workloads.THROUGHPUT_PRODUCER) as producer:
+            await workloads.produce(producer, topic, count=records)
 
 
 async def consume(bootstrap: list[str], topic: str, records: int) -> tuple[float, int]:
-    seen = 0
-    total = 0
-    crc = zlib.crc32
-    async with (
-        dlog.connect(bootstrap) as client,
-        client.consumer(topic, from_beginning=True, max_partition_fetch_bytes=8 << 20) as consumer,
-    ):
-        start = time.perf_counter()
-        while seen < records:
-            batch = await consumer.getmany(max_records=100_000, timeout_ms=10_000)
-            if not batch:
-                raise AssertionError(f"only {seen} of {records} records came back")
-            for rows in batch.values():
-                seen += len(rows)
-                for row in rows:
-                    total += crc(row[3])
-        elapsed = time.perf_counter() - start
-    return elapsed, total & 0xFFFF_FFFF_FFFF_FFFF
+    async with dlog.connect(bootstrap) as client:
+        read = await workloads.read_back(client, topic, records)
+    if read.records != records:
+        raise AssertionError(f"only {read.records} of {records} records came back")
+    return read.seconds, read.checksum
 
 
 def main() -> None:

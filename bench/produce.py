@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import trio
@@ -28,17 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (
     VALUE_BYTES,
-    checksum,
     expected_checksum,
     local_cluster,
     median,
     percentile,
-    values,
 )
+from dlogctl import workloads
 
 import dlog
-
-CHUNK = 20_000
 
 
 async def throughput(
@@ -47,71 +43,26 @@ async def throughput(
     async with dlog.connect(bootstrap) as client:
         await client.create_topic(topic, partitions=partitions, replication_factor=rf)
         await client.wait_for_topic(topic)
-        async with client.producer(acks=acks, linger_ms=2, batch_size=512 << 10) as producer:
-            next_chunk = 0
-            deadline = time.perf_counter() + seconds
-            start = time.perf_counter()
-
-            async def worker() -> None:
-                nonlocal next_chunk
-                while time.perf_counter() < deadline:
-                    first = next_chunk * CHUNK
-                    next_chunk += 1
-                    await producer.send_many(topic, values(first, CHUNK))
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(4):
-                    nursery.start_soon(worker)
-            elapsed = time.perf_counter() - start
-        return next_chunk * CHUNK, elapsed
+        async with client.producer(acks=acks, **workloads.THROUGHPUT_PRODUCER) as producer:
+            produced = await workloads.produce(producer, topic, seconds=seconds)
+        return produced.records, produced.seconds
 
 
 async def verify(bootstrap: list[str], topic: str, count: int) -> None:
     """Read everything back: the count and checksum must match what was acknowledged."""
-    seen = 0
-    total = 0
-    async with (
-        dlog.connect(bootstrap) as client,
-        client.consumer(topic, from_beginning=True) as consumer,
-    ):
-        while seen < count:
-            batch = await consumer.getmany(max_records=100_000, timeout_ms=10_000)
-            if not batch:
-                raise AssertionError(f"only {seen} of {count} records came back")
-            for records in batch.values():
-                seen += len(records)
-                total += checksum(r[3] for r in records)
-    total &= 0xFFFF_FFFF_FFFF_FFFF
-    if seen != count or total != expected_checksum(count):
-        raise AssertionError(f"verification failed: {seen} records (expected {count})")
+    async with dlog.connect(bootstrap) as client:
+        read = await workloads.read_back(client, topic, count)
+    if read.records != count or read.checksum != expected_checksum(count):
+        raise AssertionError(f"verification failed: {read.records} records (expected {count})")
 
 
 async def latency(bootstrap: list[str], topic: str, seconds: float, rate: int) -> list[float]:
-    samples: list[float] = []
     async with dlog.connect(bootstrap) as client:
         await client.create_topic(topic, partitions=1, replication_factor=3)
         await client.wait_for_topic(topic)
         async with client.producer(acks="all", linger_ms=0) as producer:
-            # Warm up connections and the fetch loops.
-            for v in values(0, 200):
-                await producer.send(topic, v)
-
-            async def track(handle: dlog.DeliveryHandle, sent: float) -> None:
-                await handle
-                samples.append((time.perf_counter() - sent) * 1000)
-
-            async with trio.open_nursery() as nursery:
-                interval = 1 / rate
-                start = time.perf_counter()
-                n = int(seconds * rate)
-                for i, v in enumerate(values(1000, n)):
-                    target = start + i * interval
-                    delay = target - time.perf_counter()
-                    if delay > 0:
-                        await trio.sleep(delay)
-                    sent = time.perf_counter()
-                    nursery.start_soon(track, producer.send_nowait(topic, v), sent)
-    return samples
+            result = await workloads.latency(producer, topic, rate=rate, count=int(seconds * rate))
+    return result.ack_ms
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import trio
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -15,7 +14,7 @@ from dlogctl.common import DataDirOption, console, err_console, fail, print_json
 from dlogctl.local import (
     ClusterSpec,
     NodeSpec,
-    describe,
+    describe_now,
     node_pid,
     ready_state,
     start_node,
@@ -85,7 +84,7 @@ def bring_up(
     ) as progress:
         task = progress.add_task("waiting for the cluster", total=None)
         while True:
-            reply = trio.run(describe, addresses)
+            reply = describe_now(addresses)
             ok, state = ready_state(reply, ids)
             progress.update(task, description=state)
             if ok:
@@ -107,7 +106,7 @@ def bring_up(
 
 
 def _status(spec: ClusterSpec) -> dict[str, Any]:
-    reply = trio.run(describe, [n.rpc for n in spec.nodes if node_pid(n) is not None])
+    reply = describe_now([n.rpc for n in spec.nodes if node_pid(n) is not None])
     brokers = {b.node_id: b for b in reply.brokers} if reply else {}
     roles = {m.node_id: m.role for m in reply.raft_members} if reply else {}
     nodes = []

@@ -1,23 +1,26 @@
-"""What every dlogctl command shares: bootstrap resolution, error reporting, output."""
+"""What every dlogctl command shares: bootstrap resolution, error reporting, output.
+
+The command modules import only this, typer, rich and the standard library when they
+load, so ``--help`` and usage errors answer without importing trio and the client (most
+of a second); a command imports what it runs (:mod:`dlogctl.connection` ...) when it
+runs.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import trio
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from dlog.client import Client, connect
-from dlog.errors import DlogError, NetworkError, RequestTimedOutError
-from dlog.net.client import ClientConfig, open_rpc_pool
-from dlog.net.messages import ApiVersionsRequest
+if TYPE_CHECKING:
+    from dlog.errors import DlogError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -41,8 +44,9 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one clear line to stderr and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """Print one clear line to stderr and exit non-zero. ``message`` is plain text:
+    brackets in it (``[a-z]``, ``[1, 2]``) are printed, not taken as rich markup."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -68,28 +72,12 @@ def resolve_bootstrap(bootstrap: str | None, data_dir: Path = DEFAULT_DATA_DIR) 
     )
 
 
-@asynccontextmanager
-async def open_client(addresses: list[str], **options: Any) -> AsyncIterator[Client]:
-    """A client with CLI-friendly timeouts, after checking some broker answers at all:
-    an unreachable cluster is one clear error within seconds, not a minute of retries."""
-    async with open_rpc_pool(ClientConfig(connect_timeout_s=3, request_timeout_s=5)) as pool:
-        errors = []
-        for address in addresses:
-            try:
-                await pool.call(address, ApiVersionsRequest(), timeout=5)
-                break
-            except (NetworkError, RequestTimedOutError) as exc:
-                errors.append(exc.message)
-        else:
-            raise NetworkError(f"no broker answers at {', '.join(addresses)} ({errors[0]})")
-    options.setdefault("default_api_timeout_ms", 20_000)
-    options.setdefault("connect_timeout_ms", 3_000)
-    async with connect(addresses, **options) as client:
-        yield client
-
-
 def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run an async command; dlog errors become one line on stderr and exit code 1."""
+    import trio
+
+    from dlog.errors import DlogError
+
     try:
         return trio.run(fn, *args)
     except DlogError as exc:
@@ -110,6 +98,8 @@ def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 
 def report(exc: DlogError) -> NoReturn:
+    from dlog.errors import NetworkError, RequestTimedOutError
+
     if isinstance(exc, NetworkError):
         fail(f"cannot reach the cluster: {exc.message}")
     if isinstance(exc, RequestTimedOutError):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.panel import Panel
 
-from dlog.client import Client
-from dlog.errors import TopicAlreadyExistsError
 from dlogctl.cluster import bring_up
-from dlogctl.common import DataDirOption, console, open_client, run
+from dlogctl.common import DataDirOption, console, run
+
+if TYPE_CHECKING:
+    from dlog.client import Client
 
 TOPIC = "demo"
 
@@ -40,6 +42,9 @@ def demo(
 
 
 async def _demo(bootstrap: list[str]) -> None:
+    from dlog.errors import TopicAlreadyExistsError
+    from dlogctl.connection import open_client
+
     async with open_client(bootstrap) as client:
         try:
             await client.create_topic(TOPIC, partitions=3, replication_factor=3)

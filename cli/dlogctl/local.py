@@ -23,13 +23,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import trio
-
-from dlog.errors import DlogError
-from dlog.net.client import ClientConfig, open_rpc_pool
-from dlog.net.protocol import DescribeClusterRequest, DescribeClusterResponse
 from dlogctl.common import CLUSTER_FILE
+
+if TYPE_CHECKING:
+    from dlog.net.protocol import DescribeClusterResponse
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +163,11 @@ def start_node(
     ]
     for seed in seeds:
         args += ["--join", seed]
-    if node.id == cluster.nodes[0].id:
-        # A no-op once the node's Raft state exists, so restarts are safe.
+    if node.id == cluster.nodes[0].id and not any(
+        (n.path / "meta.json").exists() for n in cluster.nodes if n.id != node.id
+    ):
+        # Only while no other node was ever formatted: once the cluster exists, a
+        # restarted first node (even one whose disk was lost) joins it through gossip.
         args.append("--bootstrap-cluster")
     with open(node.log_file, "ab") as log:
         proc = subprocess.Popen(
@@ -251,8 +253,20 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def describe_now(addresses: list[str], timeout: float = 2.0) -> DescribeClusterResponse | None:
+    """:func:`describe` from synchronous code."""
+    import trio
+
+    return trio.run(describe, addresses, timeout)
+
+
 async def describe(addresses: list[str], timeout: float = 2.0) -> DescribeClusterResponse | None:
     """The cluster as the first reachable node sees it, or None."""
+    # Imported here: `dlogctl cluster --help` and the process helpers need no trio or net.
+    from dlog.errors import DlogError
+    from dlog.net.client import ClientConfig, open_rpc_pool
+    from dlog.net.protocol import DescribeClusterRequest, DescribeClusterResponse
+
     async with open_rpc_pool(ClientConfig(connect_timeout_s=timeout)) as pool:
         for address in addresses:
             try:
@@ -298,7 +312,7 @@ def wait_ready(spec: ClusterSpec, *, timeout_s: float = 60, ids: set[int] | None
     deadline = time.monotonic() + timeout_s
     state = ""
     while time.monotonic() < deadline:
-        reply = trio.run(describe, [n.rpc for n in spec.nodes])
+        reply = describe_now([n.rpc for n in spec.nodes])
         ok, state = ready_state(reply, want)
         if ok:
             return

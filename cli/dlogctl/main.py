@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import dlog
-from dlogctl import cluster, data, demo, node, top, topic
+from dlogctl import bench, cluster, data, demo, node, top, topic
 
 app = typer.Typer(
     name="dlogctl",
@@ -17,6 +17,7 @@ app = typer.Typer(
 app.add_typer(node.app, name="node")
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(topic.app, name="topic")
+app.add_typer(bench.app, name="bench")
 app.command("produce")(data.produce)
 app.command("consume")(data.consume)
 app.command("top")(top.top)
@@ -30,4 +31,5 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    # The same name in usage lines however it was started (`python -m dlogctl` too).
+    app(prog_name="dlogctl")

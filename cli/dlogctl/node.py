@@ -6,23 +6,21 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import trio
 import typer
 
-from dlog.broker.config import BrokerConfig
-from dlog.errors import DlogError
-from dlog.net.client import ClientConfig, open_rpc_pool
-from dlog.net.messages import ApiVersionsRequest
 from dlogctl.common import (
     BootstrapOption,
     DataDirOption,
     console,
     fail,
-    open_client,
     resolve_bootstrap,
     run,
 )
+
+if TYPE_CHECKING:
+    from dlog.broker.config import BrokerConfig
 
 app = typer.Typer(help="Run or remove a single node.", no_args_is_help=True)
 
@@ -84,6 +82,9 @@ def node_run(
         "bootstrap_cluster": True if bootstrap_cluster else None,
         "log_level": log_level,
     }
+    from dlog.broker.config import BrokerConfig
+    from dlog.errors import DlogError
+
     try:
         config = BrokerConfig.load(flags, config_file=config_file)
     except DlogError as exc:
@@ -93,6 +94,8 @@ def node_run(
 
 
 async def _serve(config: BrokerConfig) -> None:
+    import trio
+
     from dlog.broker.node import Broker  # the whole node: imported only to run one
 
     broker = Broker(config)
@@ -120,10 +123,11 @@ def node_remove(
     data_dir: Path = DataDirOption,
 ) -> None:
     """Remove a node from the Raft voters and the cluster for good."""
+    from dlogctl.connection import open_client
+
     addresses = resolve_bootstrap(bootstrap, data_dir)
 
     async def remove() -> None:
-
         async with open_client(addresses) as client:
             await client.remove_node(node_id)
 
@@ -137,6 +141,8 @@ def node_ping(
     timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for an answer."),
 ) -> None:
     """Check that a node answers on its rpc address (exit 0) or not (exit 1)."""
+    from dlog.net.client import ClientConfig, open_rpc_pool
+    from dlog.net.messages import ApiVersionsRequest
 
     async def ping() -> None:
         async with open_rpc_pool(ClientConfig(connect_timeout_s=timeout)) as pool:

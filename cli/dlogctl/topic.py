@@ -12,7 +12,6 @@ from dlogctl.common import (
     DataDirOption,
     console,
     fail,
-    open_client,
     print_json,
     resolve_bootstrap,
     run,
@@ -37,7 +36,7 @@ def parse_configs(pairs: list[str]) -> dict[str, str]:
 
 @app.command("create")
 def topic_create(
-    name: str = typer.Argument(..., help="Topic name: 1-249 of [a-zA-Z0-9._-]."),
+    name: str = typer.Argument(..., help="Topic name: 1-249 of \\[a-zA-Z0-9._-]."),
     partitions: int = typer.Option(1, "--partitions", "-p", help="Number of partitions."),
     replication_factor: int | None = typer.Option(
         None,
@@ -51,6 +50,8 @@ def topic_create(
 ) -> None:
     """Create a topic."""
     configs = parse_configs(config)
+    from dlogctl.connection import open_client
+
     addresses = resolve_bootstrap(bootstrap, data_dir)
 
     async def create() -> None:
@@ -78,6 +79,8 @@ def topic_alter(
     }
     if partitions is None and not configs:
         fail("nothing to change: give --partitions and/or --config")
+    from dlogctl.connection import open_client
+
     addresses = resolve_bootstrap(bootstrap, data_dir)
 
     async def alter() -> None:
@@ -96,6 +99,8 @@ def topic_list(
     data_dir: Path = DataDirOption,
 ) -> None:
     """List topics."""
+    from dlogctl.connection import open_client
+
     addresses = resolve_bootstrap(bootstrap, data_dir)
 
     async def listing() -> list:  # type: ignore[type-arg]
@@ -128,6 +133,8 @@ def topic_describe(
     data_dir: Path = DataDirOption,
 ) -> None:
     """Show a topic's partitions: leader, epoch, replicas, ISR, high watermark, LEO."""
+    from dlogctl.connection import open_client
+
     addresses = resolve_bootstrap(bootstrap, data_dir)
 
     async def describe():  # type: ignore[no-untyped-def]
@@ -165,6 +172,8 @@ def topic_delete(
     data_dir: Path = DataDirOption,
 ) -> None:
     """Delete a topic and all its data."""
+    from dlogctl.connection import open_client
+
     addresses = resolve_bootstrap(bootstrap, data_dir)
 
     async def delete() -> None:

@@ -485,7 +485,12 @@ class Controller:
             if info is None:
                 raise UnknownTopicOrPartitionError(f"topic {req.name!r} does not exist")
             records: list[Record] = []
-            if req.partitions is not None and req.partitions != len(info.partitions):
+            if req.partitions is not None and req.partitions == len(info.partitions):
+                if not configs:
+                    raise InvalidPartitionsError(
+                        f"topic {req.name!r} already has {req.partitions} partitions"
+                    )
+            elif req.partitions is not None:
                 if req.partitions < len(info.partitions):
                     raise InvalidPartitionsError(
                         f"topic {req.name!r} has {len(info.partitions)} partitions; "

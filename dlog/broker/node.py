@@ -73,6 +73,10 @@ from dlog.storage import LogConfig, LogManager
 
 log = logging.getLogger(__name__)
 
+#: How long a new node with --bootstrap-cluster listens to gossip for an existing
+#: cluster before it starts one (gossip joins a live seed within a few probe periods).
+_BOOTSTRAP_LOOKAROUND_S = 2.0
+
 
 @dataclass(frozen=True, slots=True)
 class BoundAddresses:
@@ -319,20 +323,35 @@ class Broker:
         return meta
 
     async def _format(self, data_dir: Path) -> NodeIdentity:
-        """A new directory: start a cluster, or learn the cluster id from gossip."""
-        if self.config.bootstrap_cluster:
-            return format_directory(data_dir, new_cluster_id(), self.config.node_id)
-        if not self.config.join:
+        """A new directory: join the cluster gossip knows of, or start a new one.
+
+        With ``--bootstrap-cluster`` a new cluster is started only if the seeds show
+        none within ``_BOOTSTRAP_LOOKAROUND_S``: a bootstrap node whose disk was lost
+        while the others kept running must rejoin them, not split off a second cluster.
+        """
+        if not self.config.bootstrap_cluster and not self.config.join:
             raise DlogError(
                 "this data directory is new: pass --bootstrap-cluster to start a cluster "
                 "or --join HOST:PORT to join one"
             )
-        log.info("waiting to learn the cluster id from the seeds %s", ", ".join(self.config.join))
+        if self.config.join:
+            log.info("looking for a cluster through the seeds %s", ", ".join(self.config.join))
+        deadline = trio.current_time() + _BOOTSTRAP_LOOKAROUND_S
         while True:
             for member in self.gossip.members():
                 cluster_id = member.metadata.get("cluster_id")
                 if int(member.node_id) != self.node_id and cluster_id:
+                    if self.config.bootstrap_cluster:
+                        log.warning(
+                            "not bootstrapping: node %d is already in cluster %s; joining it",
+                            member.node_id,
+                            cluster_id,
+                        )
                     return format_directory(data_dir, cluster_id, self.config.node_id)
+            if self.config.bootstrap_cluster and (
+                not self.config.join or trio.current_time() >= deadline
+            ):
+                return format_directory(data_dir, new_cluster_id(), self.config.node_id)
             await trio.sleep(0.1)
 
     # --- metadata ----------------------------------------------------------------------------

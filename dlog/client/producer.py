@@ -91,8 +91,10 @@ _LEADER_ERRORS = (
     BrokerNotAvailableError,
 )
 _BYTES_TYPES = frozenset({bytes, bytearray})
-#: Bytes a value-only record adds besides its value (length, attributes, deltas...).
-_RECORD_OVERHEAD = 8
+#: At most the bytes a record without headers or its own timestamp adds besides its
+#: value and key: varints of at most 5 bytes for its length, offset delta, key length
+#: and value length, one byte each for attributes, timestamp delta and header count.
+_RECORD_OVERHEAD_MAX = 23
 
 
 def fresh_error(exc: BaseException) -> BaseException:
@@ -559,7 +561,12 @@ class Producer:
             batch = self._new_batch(q, force)
         else:
             assert batch.builder is not None
-            if size + batch.builder.size_in_bytes > self._batch_size:
+            bound = size + _RECORD_OVERHEAD_MAX
+            if timestamp is not None:
+                bound += 9  # a timestamp delta varint takes up to 10 bytes, not 1
+            if headers:
+                bound += sum(10 + len(k.encode()) + len(v or b"") for k, v in headers)
+            if bound + batch.builder.size_in_bytes > self._batch_size:
                 self._close_open(q)
                 self._wake.set()
                 batch = self._new_batch(q, force)
@@ -584,7 +591,12 @@ class Producer:
         n = len(values)
         i = 0
         batch_size = self._batch_size
-        per_record = (len(values[0]) if n else 0) + _RECORD_OVERHEAD + (len(key) if key else 0)
+        # An upper bound, never an average: a batch filled by estimate must not pass
+        # batch_size (the broker rejects batches over max_message_bytes). Each round
+        # fills most of what is left, so a batch is full after a few rounds.
+        per_record = (max(map(len, values)) if n else 0) + _RECORD_OVERHEAD_MAX
+        if key:
+            per_record += len(key)
         while i < n:
             if self._closed:
                 raise trio.ClosedResourceError("producer is closed")
@@ -605,7 +617,13 @@ class Producer:
             builder = batch.builder
             assert builder is not None
             before = builder.size_in_bytes
-            k = min(n - i, max(1, (batch_size - before) // per_record))
+            fits = (batch_size - before) // per_record
+            if not fits and builder.record_count:
+                # A batch others started, too full for one more of these: a new one.
+                self._close_open(q)
+                self._wake.set()
+                continue
+            k = min(n - i, max(1, fits))
             start = builder.record_count
             chunk = values if k == n else values[i : i + k]
             if key is None:
@@ -613,7 +631,6 @@ class Producer:
             else:
                 for value in chunk:
                     builder.append(value, key)
-            per_record = max(1, -(-(builder.size_in_bytes - before) // k))
             i += k
             if parts and parts[-1][0] is batch:
                 parts[-1][2] += k

@@ -442,7 +442,9 @@ class RpcPool:
                 backoff.failures += 1
                 delay = min(
                     self.config.reconnect_backoff_max_s,
-                    self.config.reconnect_backoff_s * 2 ** (backoff.failures - 1),
+                    # The exponent is capped: past ~1,000 failures 2**n no longer fits
+                    # in a float, and a peer can stay down that long.
+                    self.config.reconnect_backoff_s * 2 ** min(backoff.failures - 1, 32),
                 )
                 backoff.next_attempt = trio.current_time() + delay * self._rng.uniform(0.8, 1.2)
                 if isinstance(exc, DlogError):

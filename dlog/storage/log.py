@@ -980,6 +980,12 @@ class PartitionLog:
         for segment in self._segments:
             segment.close()
 
+    async def close_when_idle(self) -> None:
+        """Close once no flush or checkpoint is running (one in a worker thread finishes
+        first), so deleting a log never pulls its directory from under an fsync."""
+        async with self._flush_lock, self._checkpoint_lock:
+            self.close()
+
     async def aclose(self) -> None:
         """Flush, checkpoint and close; closes even if the flush fails or is cancelled."""
         try:

@@ -321,7 +321,7 @@ class LogManager:
     async def _remove(self, key: TopicPartition) -> None:
         log = self._logs.pop(key)
         self._topic_ids.pop(key, None)
-        log.close()
+        await log.close_when_idle()
         await self._remove_directory(log.directory)
 
     async def _remove_directory(self, directory: Path) -> None:

@@ -231,3 +231,16 @@ async def test_cut_off_leader_stops_leading_within_the_session_timeout(tmp_path:
             return False
 
         await wait_for(moved, 15)
+
+
+async def test_alter_to_the_same_partition_count_is_an_error(tmp_path: Path) -> None:
+    from dlog.errors import InvalidPartitionsError
+
+    async with inprocess_cluster(tmp_path) as cluster, cluster.client() as client:
+        await client.create_topic("t", partitions=2)
+        with pytest.raises(InvalidPartitionsError, match="already has 2"):
+            await client.alter_topic("t", partitions=2)
+        with pytest.raises(InvalidPartitionsError, match="only be added"):
+            await client.alter_topic("t", partitions=1)
+        await client.alter_topic("t", partitions=3)
+        assert len((await client.describe_topic("t")).partitions) == 3
