@@ -392,28 +392,7 @@ async def test_lone_survivor_stops_taking_writes_and_the_cluster_recovers(
         compare_replica_logs(cluster, topic, hws)
 
 
-@pytest.mark.parametrize(
-    "wiped",
-    [
-        2,
-        pytest.param(
-            1,
-            marks=[
-                pytest.mark.slow,
-                pytest.mark.xfail(
-                    strict=True,
-                    reason=(
-                        "cluster up always starts node 1 with --bootstrap-cluster; with its "
-                        "data dir gone, node 1 formats a new cluster id and bootstraps a "
-                        "second, one-node cluster on the same addresses instead of joining "
-                        "through its seeds (cluster up then times out: 'waiting for [2, 3]')"
-                    ),
-                ),
-            ],
-        ),
-    ],
-    ids=["joining-node", "bootstrap-node"],
-)
+@pytest.mark.parametrize("wiped", [2, 1], ids=["joining-node", "bootstrap-node"])
 async def test_wiped_broker_rejoins_with_a_new_identity_and_gets_every_replica(
     tmp_path: Path, wiped: int
 ) -> None:
