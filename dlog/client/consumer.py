@@ -20,6 +20,9 @@ will get. It starts at the group's committed offset, else earliest
 ``getmany`` raises OffsetOutOfRangeError and the partition stops until a seek).
 Leader moves are followed through the metadata cache (NOT_LEADER_OR_FOLLOWER,
 FENCED_LEADER_EPOCH ...), with the leader epoch from the metadata sent in each fetch.
+A leader that hangs instead of failing (a paused process answers nothing) is noticed
+too: once a fetch is overdue the metadata is refreshed every second, and the fetch is
+abandoned as soon as the metadata shows all its partitions led elsewhere.
 
 Ownership and cancellation: :meth:`Consumer.run` owns the fetch loop and one task per
 fetch or offset reset in flight. ``getmany`` and ``async for`` are cancel-safe: a
@@ -40,7 +43,7 @@ import trio
 
 from dlog.client.backoff import Backoff
 from dlog.client.config import ClientOptions, ConsumerConfig
-from dlog.client.metadata import MetadataCache, TopicInfo
+from dlog.client.metadata import ClusterView, MetadataCache, TopicInfo
 from dlog.client.records import ConsumerRecord, Record
 from dlog.client.routing import Router
 from dlog.errors import (
@@ -81,6 +84,11 @@ from dlog.storage.batch import (
 )
 
 log = logging.getLogger(__name__)
+
+#: A fetch answer this late (beyond its ``max_wait_ms`` long poll) gets the metadata
+#: refreshed every second, so a leader that hangs (rather than failing) is noticed once
+#: the controller moved its partitions.
+_OVERDUE_S = 1.0
 
 _OFFSET_AND_LENGTH = struct.Struct(">qi")
 _I32 = struct.Struct(">i")
@@ -581,7 +589,9 @@ class Consumer:
         response: FetchResponse | None = None
         error: DlogError | None = None
         try:
-            response = await self._pool.call_typed(address, request, FetchResponse, timeout=timeout)
+            response = await self._fetch_unless_moved(
+                node, address, request, [state.partition for state in states], timeout
+            )
         except DlogError as exc:
             error = exc
         finally:
@@ -643,6 +653,55 @@ class Consumer:
             state.buffered += size
             self._buffered += size
             self._data.set()
+
+    async def _fetch_unless_moved(
+        self,
+        node: int,
+        address: str,
+        request: FetchRequest,
+        partitions: list[int],
+        timeout: float,
+    ) -> FetchResponse:
+        """The broker's answer -- unless the metadata shows every partition of the fetch
+        led elsewhere first (a leader that hangs, e.g. a paused process, answers nothing
+        until the request timeout): then NotLeaderError, and the partitions are fetched
+        from their new leaders. While the answer is overdue (``_OVERDUE_S`` past
+        ``max_wait_ms``) the metadata is refreshed every second to notice such a move."""
+        with trio.CancelScope() as scope:
+
+            def moved(view: ClusterView) -> None:
+                for partition in partitions:
+                    info = view.partition(self.topic, partition)
+                    if info is None or info.leader is None or info.leader == node:
+                        return
+                scope.cancel()
+
+            async def refresh_while_overdue() -> None:
+                await trio.sleep(self.config.max_wait_ms / 1000 + _OVERDUE_S)
+                while True:
+                    self._metadata.request_refresh()
+                    await trio.sleep(1.0)
+
+            self._metadata.add_listener(moved)
+            failure: DlogError | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(refresh_while_overdue)
+                    try:
+                        response = await self._pool.call_typed(
+                            address, request, FetchResponse, timeout=timeout
+                        )
+                    except DlogError as exc:
+                        failure = exc  # raised below, outside the nursery: not wrapped
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._metadata.remove_listener(moved)
+            if failure is not None:
+                raise failure
+            return response
+        raise NotLeaderError(
+            f"partitions moved away from broker {node} while it did not answer", leader=None
+        )
 
     def _on_fetch_error(
         self, sent: list[tuple[_PartitionState, int, int]], exc: DlogError, now: float

@@ -162,7 +162,8 @@ class FakeCluster:
         self.faults: list[Fault] = []
         self.requests: list[tuple[int, str, Message]] = []
         self.produce_gate: trio.Event | None = None
-        #: Brokers whose produce handlers never answer (as if the process were paused).
+        #: Brokers whose produce and fetch handlers never answer (as if the process
+        #: were paused).
         self.hung_nodes: set[int] = set()
         #: Applied once to the next partition data a fetch returns (then cleared).
         self.mangle_fetch: Callable[[bytes], bytes] | None = None
@@ -570,6 +571,8 @@ class FakeBroker:
     async def _fetch(self, req: FetchRequest) -> FetchResponse:
         self._log("fetch", req)
         c = self.cluster
+        if self.node_id in c.hung_nodes:
+            await trio.sleep_forever()  # a paused process: no answer, no error
         deadline = trio.current_time() + req.max_wait_ms / 1000
         while True:
             results, chunks, total, errors = self._read(req)

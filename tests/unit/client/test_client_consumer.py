@@ -276,6 +276,29 @@ async def test_leader_change_is_followed(autojump_clock: trio.abc.Clock) -> None
         assert fetches(cluster)[-1][1].partitions[0].current_leader_epoch == 1
 
 
+async def test_a_hung_leader_is_abandoned_once_the_partition_moves(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A leader that neither answers nor fails (a paused process) must not hold the
+    # partition for the whole request timeout once the cluster moved it elsewhere.
+    async with open_fake_cluster(2) as cluster, cluster.connect() as client:
+        cluster.create_topic("t", leaders=[1])
+        cluster.append_values("t", 0, values(10))
+        async with client.consumer("t", from_beginning=True) as consumer:
+            assert len(await read(consumer, 10)) == 10
+            cluster.hung_nodes.add(1)  # its next fetch (in flight now or soon) hangs
+            await trio.sleep(0.5)
+            start = trio.current_time()
+            cluster.move_leader("t", 0, 2)
+            cluster.append_values("t", 0, values(5, b"new"))
+            got = await read(consumer, 5)
+            # One overdue metadata refresh (max_wait_ms + 1 s, then every second), not
+            # the 30 s request timeout.
+            assert trio.current_time() - start < 3
+        assert [(o, v) for _, o, v in got] == [(10 + i, b"new%04d" % i) for i in range(5)]
+        assert fetches(cluster)[-1][0] == 2
+
+
 async def test_fetch_errors_are_retried(autojump_clock: trio.abc.Clock) -> None:
     async with open_fake_cluster() as cluster, cluster.connect() as client:
         cluster.create_topic("t")
