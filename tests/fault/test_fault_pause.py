@@ -12,6 +12,7 @@ import dlog
 from tests.fault.processes import ProcessCluster, eventually, process_cluster
 from tests.fault.workload import (
     AckLog,
+    LiveConsumer,
     check_acknowledged,
     compare_replica_logs,
     consume_all,
@@ -167,60 +168,78 @@ async def test_paused_leader_is_replaced_and_producers_follow(
         others = [cluster.rpc(n) for n in cluster.node_ids if n != victim]
         bootstrap = [cluster.rpc(victim), *others] if metadata_from_victim else others
         acks = AckLog(topic)
-        async with (
-            dlog.connect(bootstrap) as client,
-            client.producer(acks="all", linger_ms=0) as producer,
-            trio.open_nursery() as nursery,
-        ):
+        async with dlog.connect(bootstrap) as client, trio.open_nursery() as consuming:
             await client.create_topic(topic, partitions=3, replication_factor=3)
             await client.wait_for_topic(topic)
             before = await cluster.partitions(controller, topic)
             led = [p for p, info in before.items() if info.leader == victim]
             assert led
-            for p in range(3):
-                nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
-            await eventually(
-                lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in range(3)),
-                timeout=30,
-                what="acks flowing on every partition",
-            )
+            # A consumer reads along: it must follow the new leaders too.
+            live = LiveConsumer(client, topic, 3)
+            await consuming.start(live.run)
+            async with (
+                client.producer(acks="all", linger_ms=0) as producer,
+                trio.open_nursery() as nursery,
+            ):
+                for p in range(3):
+                    nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
+                await eventually(
+                    lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in range(3)),
+                    timeout=30,
+                    what="acks flowing on every partition",
+                )
 
-            paused_at = cluster.pause(victim)
+                paused_at = cluster.pause(victim)
 
-            async def moved() -> bool:
-                parts = await cluster.partitions(controller, topic)
-                return all(parts[p].leader not in (None, victim) for p in led)
+                async def moved() -> bool:
+                    parts = await cluster.partitions(controller, topic)
+                    return all(parts[p].leader not in (None, victim) for p in led)
 
-            await eventually(moved, timeout=10, what=f"partitions {led} moved off node {victim}")
-            moved_s = trio.current_time() - paused_at
+                await eventually(
+                    moved, timeout=10, what=f"partitions {led} moved off node {victim}"
+                )
+                moved_s = trio.current_time() - paused_at
 
-            async def acked_again() -> float | None:
-                firsts = [acks.first_fresh_ack(p, paused_at) for p in led]
-                if any(f is None for f in firsts):
-                    return None
-                return max(f.acked_at for f in firsts if f is not None) - paused_at
+                async def acked_again() -> float | None:
+                    firsts = [acks.first_fresh_ack(p, paused_at) for p in led]
+                    if any(f is None for f in firsts):
+                        return None
+                    return max(f.acked_at for f in firsts if f is not None) - paused_at
 
-            acked_s = await eventually(
-                acked_again, timeout=10, what=f"acks=all on {led} while node {victim} is paused"
-            )
-            print(
-                f"SIGSTOP leader {victim}: partitions moved after {moved_s:.2f} s, "
-                f"acks=all again after {acked_s:.2f} s"
-            )
-            cluster.resume(victim)
+                acked_s = await eventually(
+                    acked_again, timeout=10, what=f"acks=all on {led} while {victim} is paused"
+                )
+                fresh = {p: acks.first_fresh_ack(p, paused_at) for p in led}
+                await eventually(
+                    lambda: all(
+                        f is not None and f.value in live.seen[p] for p, f in fresh.items()
+                    ),
+                    timeout=10,
+                    what=f"the live consumer reads {led} from the new leaders",
+                )
+                print(
+                    f"SIGSTOP leader {victim}: partitions moved after {moved_s:.2f} s, "
+                    f"acks=all again after {acked_s:.2f} s, consumed "
+                    f"{trio.current_time() - paused_at:.2f} s after the pause"
+                )
+                cluster.resume(victim)
 
-            async def returned() -> bool:
-                for node in cluster.node_ids:
-                    parts = await cluster.partitions(node, topic)
-                    if any(victim not in info.isr for info in parts.values()):
-                        return False
-                return True
+                async def returned() -> bool:
+                    for node in cluster.node_ids:
+                        parts = await cluster.partitions(node, topic)
+                        if any(victim not in info.isr for info in parts.values()):
+                            return False
+                    return True
 
-            await eventually(returned, timeout=30, what=f"node {victim} back in every ISR")
-            acks.stopping = True
+                await eventually(returned, timeout=30, what=f"node {victim} back in every ISR")
+                acks.stopping = True
+            hws = await wait_replicas_converged(cluster, topic, 3)
+            await live.wait_until(hws, timeout=30)
+            consuming.cancel_scope.cancel()
 
-        hws = await wait_replicas_converged(cluster, topic, 3)
-        check_acknowledged(acks, await consume_all(cluster.bootstrap, topic, 3))
+        consumed = await consume_all(cluster.bootstrap, topic, 3)
+        check_acknowledged(acks, consumed)
+        assert live.seen == consumed
         cluster.cleanup()
         compare_replica_logs(cluster, topic, hws)
 
