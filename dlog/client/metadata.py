@@ -12,9 +12,12 @@ Refresh rules (Kafka's, in words):
   ``retry_backoff_max_ms`` while they keep failing.
 - Metadata is refreshed every ``metadata_max_age_ms`` even when nobody asks.
 - A request goes to the broker that answered last, then every other known broker,
-  then the bootstrap addresses, until one answers. An answer older (lower
-  ``metadata_index``) than the view we hold is skipped for a fresher broker's; when
-  none is fresher the view is kept.
+  then the bootstrap addresses, until one answers. Every broker answers metadata from
+  its own copy at once, so one that has not answered within ``_ATTEMPT_S`` is skipped
+  for the next (a paused process never answers and never fails); only the last one
+  gets the whole ``request_timeout_ms``. An answer older (lower ``metadata_index``)
+  than the view we hold is skipped for a fresher broker's; when none is fresher the
+  view is kept.
 - Only the topics the client uses are asked for (:meth:`MetadataCache.track`).
 - A NOT_LEADER_OR_FOLLOWER answer naming a newer leader updates the view at once
   (:meth:`MetadataCache.apply_leader_hint`), so retries need not wait for a refresh.
@@ -41,6 +44,9 @@ from dlog.net.client import RpcPool
 from dlog.net.protocol import BrokerInfo, MetadataRequest, MetadataResponse, TopicMetadata
 
 log = logging.getLogger(__name__)
+
+#: How long a metadata request waits for one broker when others could be asked.
+_ATTEMPT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,10 +346,12 @@ class MetadataCache:
         current = self._view
         stale: tuple[MetadataResponse, str] | None = None
         last_error: DlogError | None = None
-        for address in self.candidates():
+        candidates = self.candidates()
+        for i, address in enumerate(candidates):
+            attempt = timeout if i == len(candidates) - 1 else min(timeout, _ATTEMPT_S)
             try:
                 response = await self._pool.call_typed(
-                    address, MetadataRequest(topics=topics), MetadataResponse, timeout=timeout
+                    address, MetadataRequest(topics=topics), MetadataResponse, timeout=attempt
                 )
             except DlogError as exc:
                 last_error = exc

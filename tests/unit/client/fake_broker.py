@@ -162,8 +162,8 @@ class FakeCluster:
         self.faults: list[Fault] = []
         self.requests: list[tuple[int, str, Message]] = []
         self.produce_gate: trio.Event | None = None
-        #: Brokers whose produce and fetch handlers never answer (as if the process
-        #: were paused).
+        #: Brokers whose metadata, produce and fetch handlers never answer (as if the
+        #: process were paused).
         self.hung_nodes: set[int] = set()
         #: Applied once to the next partition data a fetch returns (then cleared).
         self.mangle_fetch: Callable[[bytes], bytes] | None = None
@@ -438,6 +438,8 @@ class FakeBroker:
         self._log("metadata", req)
         self._request_fault("metadata")
         c = self.cluster
+        if self.node_id in c.hung_nodes:
+            await trio.sleep_forever()  # a paused process: no answer, no error
         if req.topics is None:
             topics = [c._topic_metadata(t) for t in c.topics.values()]
         else:

@@ -178,6 +178,27 @@ async def test_metadata_tries_the_next_broker_when_one_is_down(
         assert {n for n, _ in cluster.requests_of("create_topics")} == {3}
 
 
+async def test_metadata_gets_past_a_broker_that_hangs(autojump_clock: trio.abc.Clock) -> None:
+    # The broker that answered last is asked first; when it hangs (a paused process
+    # answers nothing, fails nothing) a refresh must not wait out the 30 s request
+    # timeout: producers and consumers learn leader moves from these refreshes.
+    async with open_fake_cluster(2) as cluster, cluster.connect() as client:
+        cluster.create_topic("t", leaders=[1])
+        await client.wait_for_topic("t")
+        asked = {n for n, _ in cluster.requests_of("metadata")}
+        assert asked == {1}  # the first bootstrap address answered
+        cluster.hung_nodes.add(1)
+        cluster.move_leader("t", 0, 2)
+        start = trio.current_time()
+        view = await client.refresh_metadata()
+        assert trio.current_time() - start <= 2.5
+        assert view.leader("t", 0) == (2, cluster.brokers[2].address)
+        # The broker that answered is asked first from now on.
+        start = trio.current_time()
+        await client.refresh_metadata()
+        assert trio.current_time() - start < 0.5
+
+
 async def test_metadata_is_refreshed_periodically(autojump_clock: trio.abc.Clock) -> None:
     async with (
         open_fake_cluster() as cluster,
