@@ -134,21 +134,7 @@ async def test_paused_follower_is_fenced_and_returns_to_isr(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     "metadata_from_victim",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "the client's metadata refresh asks the broker that answered last "
-                    "first, with the full request_timeout_ms (30 s): when that broker "
-                    "hangs, no refresh completes for 30 s, so the producer never learns "
-                    "that its partitions moved (acks resume after ~31 s)"
-                ),
-            ),
-        ),
-    ],
+    [False, True],
     ids=["metadata-from-another-broker", "metadata-from-the-hung-leader"],
 )
 async def test_paused_leader_is_replaced_and_producers_follow(
