@@ -292,6 +292,11 @@ class Controller:
             )
         async with self._lock:
             image = self._image()
+            if req.directory_id in image.removed_directories:
+                raise BrokerIdNotRegisteredError(
+                    f"node {req.node_id} was removed from the cluster for good; wipe its "
+                    "data directory to bring it back as a new member"
+                )
             old = image.brokers.get(req.node_id)
             record = RegisterBroker(
                 node_id=req.node_id,

@@ -125,6 +125,9 @@ class MetadataImage:
         self.brokers: dict[int, BrokerRegistration] = {}
         self.topics: dict[str, TopicInfo] = {}
         self.topics_by_id: dict[str, TopicInfo] = {}
+        #: Directory ids of nodes removed for good (`node remove`): they may not
+        #: register again; the node must be wiped to return as a new member.
+        self.removed_directories: set[str] = set()
 
     # --- queries ---------------------------------------------------------------
 
@@ -182,8 +185,10 @@ class MetadataImage:
             case FenceBroker() | UnfenceBroker():
                 return self._fence(record, delta)
             case UnregisterBroker():
-                if self.brokers.pop(record.node_id, None) is None:
+                removed = self.brokers.pop(record.node_id, None)
+                if removed is None:
                     return "unknown broker"
+                self.removed_directories.add(removed.directory_id)
                 delta.brokers.add(record.node_id)
                 return None
             case CreateTopic():
@@ -199,6 +204,8 @@ class MetadataImage:
         return f"unknown record {type(record).__name__}"
 
     def _register(self, r: RegisterBroker, delta: MetadataDelta) -> str | None:
+        if r.directory_id in self.removed_directories:
+            return "removed for good"
         old = self.brokers.get(r.node_id)
         fenced = True if old is None or old.incarnation != r.incarnation else old.fenced
         self.brokers[r.node_id] = BrokerRegistration(
@@ -305,6 +312,7 @@ class MetadataImage:
                 [b.node_id, b.directory_id, b.incarnation, b.rpc, b.gossip, b.raft, b.fenced]
                 for b in self.brokers.values()
             ],
+            "removed_directories": sorted(self.removed_directories),
             "topics": [
                 {
                     "name": t.name,
@@ -337,6 +345,7 @@ class MetadataImage:
             self.brokers[node_id] = BrokerRegistration(
                 node_id, directory_id, incarnation, rpc, gossip, raft, fenced
             )
+        self.removed_directories = set(state.get("removed_directories", ()))
         self.topics = {}
         self.topics_by_id = {}
         for t in state["topics"]:

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from dlog.errors import (
+    BrokerIdNotRegisteredError,
     ErrorCode,
     InvalidConfigError,
     InvalidReplicationFactorError,
@@ -16,7 +17,12 @@ from dlog.errors import (
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
-from dlog.net.protocol import ProducePartition, ProduceRequest, ProduceResponse
+from dlog.net.protocol import (
+    BrokerRegistrationRequest,
+    ProducePartition,
+    ProduceRequest,
+    ProduceResponse,
+)
 from dlog.storage import build_batch
 from tests.cluster.inprocess import InProcessCluster, inprocess_cluster, wait_for
 
@@ -244,3 +250,45 @@ async def test_alter_to_the_same_partition_count_is_an_error(tmp_path: Path) -> 
             await client.alter_topic("t", partitions=1)
         await client.alter_topic("t", partitions=3)
         assert len((await client.describe_topic("t")).partitions) == 3
+
+
+async def test_fourth_node_is_a_learner_and_node_remove_takes_a_node_out(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path, nodes=4) as cluster:
+        ctrl = cluster.controller()
+        assert ctrl is not None
+
+        def roles() -> dict[int, bool]:
+            c = cluster.controller()
+            return {} if c is None else {m.node_id: m.voter for m in c.broker.quorum_members()}
+
+        await wait_for(lambda: len(roles()) == 4 and sum(roles().values()) == 3)
+        learner = next(n for n, voter in roles().items() if not voter)
+        voter = next(n for n, v in roles().items() if v and n != ctrl.node_id)
+        async with cluster.client() as client:
+            # Removing a learner: gone from Raft and from the brokers.
+            await client.remove_node(learner)
+            await wait_for(lambda: learner not in roles())
+            c = cluster.controller()
+            assert c is not None
+            assert learner not in c.broker.image.brokers
+            # For good: the removed node (still running here) cannot register again.
+            removed = cluster.members[learner].broker
+            assert removed.identity is not None
+            assert removed.addresses is not None
+            with pytest.raises(BrokerIdNotRegisteredError, match="removed"):
+                await c.broker.controller.register_broker(  # type: ignore[union-attr]
+                    BrokerRegistrationRequest(
+                        node_id=learner,
+                        directory_id=removed.quorum.directory_id,
+                        cluster_id=removed.cluster_id,
+                        incarnation="new-process",
+                        rpc=removed.addresses.rpc,
+                        gossip=removed.addresses.gossip,
+                        raft=removed.addresses.raft,
+                    )
+                )
+            assert learner not in roles()
+            # Removing a voter leaves the remaining two as the quorum.
+            await client.remove_node(voter)
+            await wait_for(lambda: voter not in roles() and sum(roles().values()) == 2)
+            await client.create_topic("after", partitions=1, replication_factor=2)

@@ -202,3 +202,38 @@ def test_placement_rf_too_large() -> None:
 
     with pytest.raises(InvalidReplicationFactorError, match="larger than"):
         assign_replicas(0, 1, 4, [1, 2, 3], {}, {})
+
+
+def test_a_removed_directory_cannot_register_again() -> None:
+    from dlog.broker.records import UnregisterBroker
+
+    image = MetadataImage()
+    register(image, 4)
+    image.apply_entry(2, encode_batch([UnregisterBroker(node_id=4)]))
+    assert 4 not in image.brokers
+    delta = image.apply_entry(
+        3,
+        encode_batch(
+            [
+                RegisterBroker(
+                    node_id=4, directory_id="d4", incarnation="b", rpc="", gossip="", raft=""
+                )
+            ]
+        ),
+    )
+    assert delta.skipped == {0: "removed for good"}
+    # A wiped node (new directory id) may come back as a new member.
+    image.apply_entry(
+        4,
+        encode_batch(
+            [
+                RegisterBroker(
+                    node_id=4, directory_id="fresh", incarnation="c", rpc="", gossip="", raft=""
+                )
+            ]
+        ),
+    )
+    assert image.brokers[4].directory_id == "fresh"
+    other = MetadataImage()
+    other.restore(image.snapshot())
+    assert other.removed_directories == {"d4"}

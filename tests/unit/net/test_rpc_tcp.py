@@ -168,4 +168,3 @@ async def test_server_refusing_connections_looks_like_a_cut() -> None:
                     except NetworkError:
                         await trio.sleep(0.01)
         scope.cancel()
-
