@@ -1,4 +1,5 @@
-"""kill -9 of a broker and of the controller, with real node processes.
+"""Node processes that die or stop: kill -9 of a broker, of the controller, of two of
+three nodes, of a node that also loses its disk; SIGTERM (controlled shutdown).
 
 DESIGN.md's failover budget: detection <= 1.5 s, a new partition leader committed
 <= 0.5 s later, clients retrying on it <= 1 s later. The deadlines asserted here are

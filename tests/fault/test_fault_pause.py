@@ -1,5 +1,9 @@
-"""A node paused with SIGSTOP (alive, sockets open, answering nothing) is fenced, the
-others carry on without it, and after SIGCONT it returns to every ISR."""
+"""Nodes that hang (SIGSTOP: alive, sockets open, answering nothing) instead of dying.
+
+A paused follower is fenced, the others carry on without it, and after SIGCONT it
+returns to every ISR; a paused leader's partitions and a paused controller's duties
+move on, and clients must notice without a connection error to tell them.
+"""
 
 from __future__ import annotations
 
