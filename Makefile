@@ -24,7 +24,7 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 venv: $(TEST_STAMP)
 
 run: $(RUN_STAMP)
-	$(BIN)/python -m dlog.demo
+	$(BIN)/dlogctl demo
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q

@@ -11,38 +11,18 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dlog.errors import DlogError
-from dlog.net.client import ClientConfig, open_rpc_pool
-from dlog.net.protocol import DescribeClusterRequest, DescribeClusterResponse
 from dlogctl.common import DataDirOption, console, err_console, fail, print_json
-from dlogctl.local import ClusterSpec, NodeSpec, node_pid, start_node, stop_node
+from dlogctl.local import (
+    ClusterSpec,
+    NodeSpec,
+    describe,
+    node_pid,
+    ready_state,
+    start_node,
+    stop_node,
+)
 
 app = typer.Typer(help="Start, inspect and stop a local cluster.", no_args_is_help=True)
-
-
-async def describe(addresses: list[str], timeout: float = 2.0) -> DescribeClusterResponse | None:
-    """The cluster as the first reachable node sees it, or None."""
-    async with open_rpc_pool(ClientConfig(connect_timeout_s=timeout)) as pool:
-        for address in addresses:
-            try:
-                reply = await pool.call(address, DescribeClusterRequest(), timeout=timeout)
-            except DlogError:
-                continue
-            if isinstance(reply, DescribeClusterResponse):
-                return reply
-    return None
-
-
-def _ready(reply: DescribeClusterResponse | None, ids: set[int]) -> tuple[bool, str]:
-    if reply is None:
-        return False, "waiting for the first node to answer"
-    if reply.controller is None:
-        return False, "electing a controller"
-    registered = {b.node_id for b in reply.brokers if not b.fenced}
-    missing = sorted(ids - registered)
-    if missing:
-        return False, f"controller is node {reply.controller}; waiting for node(s) {missing}"
-    return True, f"controller is node {reply.controller}; all {len(ids)} nodes registered"
 
 
 @app.command("up")
@@ -61,6 +41,18 @@ def cluster_up(
     log_level: str = typer.Option("info", "--log-level", help="Node log level."),
 ) -> None:
     """Start the local cluster (only the nodes that are not running) and wait until ready."""
+    bring_up(data_dir, nodes, base_port, host, timeout, log_level)
+
+
+def bring_up(
+    data_dir: Path,
+    nodes: int = 3,
+    base_port: int = 9400,
+    host: str = "127.0.0.1",
+    timeout: float = 60.0,
+    log_level: str = "info",
+) -> ClusterSpec:
+    """`cluster up`: start what is not running, wait (with a spinner) until ready."""
     data_dir = data_dir.resolve()
     spec = ClusterSpec.load(data_dir)
     if spec is None:
@@ -94,7 +86,7 @@ def cluster_up(
         task = progress.add_task("waiting for the cluster", total=None)
         while True:
             reply = trio.run(describe, addresses)
-            ok, state = _ready(reply, ids)
+            ok, state = ready_state(reply, ids)
             progress.update(task, description=state)
             if ok:
                 break
@@ -111,6 +103,7 @@ def cluster_up(
     console.print(f"cluster ready: {len(ids)} node(s), controller is node {reply.controller}")
     console.print(f"bootstrap: [bold]{spec.nodes[0].rpc}[/]")
     console.print(f"data and logs: {data_dir}")
+    return spec
 
 
 def _status(spec: ClusterSpec) -> dict[str, Any]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -13,7 +14,10 @@ import trio
 import typer
 from rich.console import Console
 
+from dlog.client import Client, connect
 from dlog.errors import DlogError, NetworkError, RequestTimedOutError
+from dlog.net.client import ClientConfig, open_rpc_pool
+from dlog.net.messages import ApiVersionsRequest
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -64,19 +68,53 @@ def resolve_bootstrap(bootstrap: str | None, data_dir: Path = DEFAULT_DATA_DIR) 
     )
 
 
+@asynccontextmanager
+async def open_client(addresses: list[str], **options: Any) -> AsyncIterator[Client]:
+    """A client with CLI-friendly timeouts, after checking some broker answers at all:
+    an unreachable cluster is one clear error within seconds, not a minute of retries."""
+    async with open_rpc_pool(ClientConfig(connect_timeout_s=3, request_timeout_s=5)) as pool:
+        errors = []
+        for address in addresses:
+            try:
+                await pool.call(address, ApiVersionsRequest(), timeout=5)
+                break
+            except (NetworkError, RequestTimedOutError) as exc:
+                errors.append(exc.message)
+        else:
+            raise NetworkError(f"no broker answers at {', '.join(addresses)} ({errors[0]})")
+    options.setdefault("default_api_timeout_ms", 20_000)
+    options.setdefault("connect_timeout_ms", 3_000)
+    async with connect(addresses, **options) as client:
+        yield client
+
+
 def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run an async command; dlog errors become one line on stderr and exit code 1."""
     try:
         return trio.run(fn, *args)
-    except NetworkError as exc:
-        fail(f"cannot reach the cluster: {exc.message}")
-    except RequestTimedOutError as exc:
-        fail(f"the cluster did not answer in time: {exc.message}")
     except DlogError as exc:
-        fail(f"{exc.message} ({exc.code.name})")
+        report(exc)
+    except ExceptionGroup as group:
+        # A failure inside a nursery: report the first dlog error in it plainly.
+        found = group.subgroup(DlogError)
+        if found is None:
+            raise
+        first: BaseException = found.exceptions[0]
+        while isinstance(first, ExceptionGroup):
+            first = first.exceptions[0]
+        assert isinstance(first, DlogError)
+        report(first)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(130) from None
+
+
+def report(exc: DlogError) -> NoReturn:
+    if isinstance(exc, NetworkError):
+        fail(f"cannot reach the cluster: {exc.message}")
+    if isinstance(exc, RequestTimedOutError):
+        fail(f"the cluster did not answer in time: {exc.message}")
+    fail(f"{exc.message} ({exc.code.name})")
 
 
 def print_json(value: Any) -> None:

@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import trio
+
+from dlog.errors import DlogError
+from dlog.net.client import ClientConfig, open_rpc_pool
+from dlog.net.protocol import DescribeClusterRequest, DescribeClusterResponse
 from dlogctl.common import CLUSTER_FILE
 
 
@@ -205,3 +212,105 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def kill_node(node: NodeSpec, sig: int = signal.SIGKILL) -> int | None:
+    """Send ``sig`` to the node's process (SIGKILL: a crash); returns its pid."""
+    pid = node_pid(node)
+    if pid is not None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return None
+        if sig == signal.SIGKILL:
+            deadline = time.monotonic() + 5
+            while pid_alive(pid) and time.monotonic() < deadline:
+                _reap(pid)
+                time.sleep(0.01)
+            _reap(pid)
+    return pid
+
+
+def free_base_port(span: int = 300, attempts: int = 200) -> int:
+    """A base port P with P .. P+span free for TCP and UDP on 127.0.0.1 (for tests)."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20_000, 60_000 - span, 10)
+        if all(_port_free(base + off) for off in (0, 1, 2, 100, 101, 102, 200, 201, 202)):
+            return base
+    raise RuntimeError("no free port range found")
+
+
+def _port_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+async def describe(addresses: list[str], timeout: float = 2.0) -> DescribeClusterResponse | None:
+    """The cluster as the first reachable node sees it, or None."""
+    async with open_rpc_pool(ClientConfig(connect_timeout_s=timeout)) as pool:
+        for address in addresses:
+            try:
+                reply = await pool.call(address, DescribeClusterRequest(), timeout=timeout)
+            except DlogError:
+                continue
+            if isinstance(reply, DescribeClusterResponse):
+                return reply
+    return None
+
+
+def ready_state(reply: DescribeClusterResponse | None, ids: set[int]) -> tuple[bool, str]:
+    """Is the cluster ready (a controller, every node registered and unfenced)? And why not."""
+    if reply is None:
+        return False, "waiting for the first node to answer"
+    if reply.controller is None:
+        return False, "electing a controller"
+    registered = {b.node_id for b in reply.brokers if not b.fenced}
+    missing = sorted(ids - registered)
+    if missing:
+        return False, f"controller is node {reply.controller}; waiting for node(s) {missing}"
+    return True, f"controller is node {reply.controller}; all {len(ids)} nodes registered"
+
+
+def start_cluster(
+    data_dir: Path, nodes: int = 3, base_port: int | None = None, *, timeout_s: float = 60
+) -> ClusterSpec:
+    """Create (or reuse) and start a local cluster; wait until it is ready (for tests and
+    benchmarks: the CLI's ``cluster up`` does the same with a progress display)."""
+    spec = ClusterSpec.load(data_dir)
+    if spec is None:
+        spec = ClusterSpec.create(data_dir, nodes, base_port or free_base_port(), "127.0.0.1")
+        spec.save()
+    for node in spec.nodes:
+        if node_pid(node) is None:
+            start_node(spec, node)
+    wait_ready(spec, timeout_s=timeout_s)
+    return spec
+
+
+def wait_ready(spec: ClusterSpec, *, timeout_s: float = 60, ids: set[int] | None = None) -> None:
+    want = ids if ids is not None else {n.id for n in spec.nodes}
+    deadline = time.monotonic() + timeout_s
+    state = ""
+    while time.monotonic() < deadline:
+        reply = trio.run(describe, [n.rpc for n in spec.nodes])
+        ok, state = ready_state(reply, want)
+        if ok:
+            return
+        time.sleep(0.1)
+    logs = "; ".join(str(n.log_file) for n in spec.nodes)
+    raise TimeoutError(f"cluster not ready after {timeout_s:g}s ({state}); logs: {logs}")
+
+
+def stop_cluster(spec: ClusterSpec, *, sig: int = signal.SIGKILL) -> None:
+    """Stop every node (SIGKILL by default: tests clean up exactly their processes)."""
+    for node in spec.nodes:
+        if sig == signal.SIGKILL:
+            kill_node(node)
+        else:
+            stop_node(node)

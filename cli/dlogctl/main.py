@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import dlog
-from dlogctl import cluster, node
+from dlogctl import cluster, data, demo, node, top, topic
 
 app = typer.Typer(
     name="dlogctl",
@@ -16,6 +16,11 @@ app = typer.Typer(
 )
 app.add_typer(node.app, name="node")
 app.add_typer(cluster.app, name="cluster")
+app.add_typer(topic.app, name="topic")
+app.command("produce")(data.produce)
+app.command("consume")(data.consume)
+app.command("top")(top.top)
+app.command("demo")(demo.demo)
 
 
 @app.command()

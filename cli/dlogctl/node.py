@@ -12,7 +12,17 @@ import typer
 
 from dlog.broker.config import BrokerConfig
 from dlog.errors import DlogError
-from dlogctl.common import BootstrapOption, DataDirOption, console, fail, resolve_bootstrap, run
+from dlog.net.client import ClientConfig, open_rpc_pool
+from dlog.net.messages import ApiVersionsRequest
+from dlogctl.common import (
+    BootstrapOption,
+    DataDirOption,
+    console,
+    fail,
+    open_client,
+    resolve_bootstrap,
+    run,
+)
 
 app = typer.Typer(help="Run or remove a single node.", no_args_is_help=True)
 
@@ -113,10 +123,24 @@ def node_remove(
     addresses = resolve_bootstrap(bootstrap, data_dir)
 
     async def remove() -> None:
-        from dlog.client import connect
 
-        async with connect(addresses) as client:
+        async with open_client(addresses) as client:
             await client.remove_node(node_id)
 
     run(remove)
     console.print(f"node {node_id} removed")
+
+
+@app.command("ping")
+def node_ping(
+    address: str = typer.Option(..., "--address", "-a", help="The node's rpc HOST:PORT."),
+    timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for an answer."),
+) -> None:
+    """Check that a node answers on its rpc address (exit 0) or not (exit 1)."""
+
+    async def ping() -> None:
+        async with open_rpc_pool(ClientConfig(connect_timeout_s=timeout)) as pool:
+            await pool.call(address, ApiVersionsRequest(), timeout=timeout)
+
+    run(ping)
+    console.print(f"{address} is up")

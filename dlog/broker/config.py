@@ -51,8 +51,7 @@ class BrokerConfig:
     replica_fetch_backoff_ms: int = 100
     #: How often the controller moves leaderships back to preferred replicas (0: never).
     leader_rebalance_interval_ms: int = 30_000
-    #: Default partitions and replication factor (None: min(3, live brokers)).
-    num_partitions: int = 1
+    #: Replication factor of topics created without one (None: min(3, live brokers)).
     default_replication_factor: int | None = None
     offsets_topic_partitions: int = 8
     #: Broker-wide defaults for topic configs (same keys as ``topic create --config``).
@@ -78,7 +77,6 @@ class BrokerConfig:
             "replica_fetch_max_wait_ms",
             "replica_fetch_max_bytes",
             "replica_fetch_backoff_ms",
-            "num_partitions",
             "offsets_topic_partitions",
             "request_timeout_ms",
             "max_frame_bytes",

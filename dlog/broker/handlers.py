@@ -71,7 +71,7 @@ class BrokerHandlers:
         rm = b.replicas
         return {
             "metadata": Route(self.metadata, inline=True),
-            "produce": rm.produce,
+            "produce": Route(rm.produce, inline=True),
             "fetch": rm.fetch,
             "list_offsets": Route(rm.list_offsets, inline=True),
             "offsets_for_leader_epoch": Route(rm.offsets_for_leader_epoch, inline=True),

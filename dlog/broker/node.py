@@ -51,6 +51,7 @@ from dlog.broker.quorum import RaftQuorum
 from dlog.broker.replica_manager import ReplicaManager, ReplicaManagerHooks
 from dlog.clock import SystemClock, WallClock
 from dlog.errors import (
+    BrokerNotAvailableError,
     DlogError,
     NetworkError,
     NotControllerError,
@@ -109,7 +110,8 @@ class Broker:
 
     @property
     def cluster_id(self) -> str:
-        assert self.identity is not None
+        if self.identity is None:
+            raise BrokerNotAvailableError(f"node {self.node_id} is still starting")
         return self.identity.cluster_id
 
     @property
@@ -271,6 +273,8 @@ class Broker:
                 restore=self._on_snapshot,
                 snapshot=self.image.snapshot,
             )
+            # The quorum may have minted a new directory id (its Raft state was lost).
+            identity = self.identity = self._quorum.identity
             bound_raft = await nursery.start(self._quorum.run)
             advertised_raft = cfg.advertised("raft", bound_raft)
             if cfg.bootstrap_cluster and self._quorum.bootstrap(advertised_raft):

@@ -77,6 +77,7 @@ from dlog.net.protocol import (
     ReplicaStatusRequest,
     ReplicaStatusResponse,
 )
+from dlog.net.server import Deferred
 from dlog.storage import LogConfig, LogManager, UnexpectedAppendOffsetError
 
 log = logging.getLogger(__name__)
@@ -307,13 +308,16 @@ class ReplicaManager:
 
     # --- produce -------------------------------------------------------------------------
 
-    async def produce(self, request: ProduceRequest) -> ProduceResponse:
+    async def produce(self, request: ProduceRequest) -> ProduceResponse | Deferred:
+        """Append every partition's batches at once, in request order (an inline route);
+        acks=all (and fsync-per-append) waits are finished by a :class:`Deferred`."""
         acks = request.acks
         if acks not in (ACKS_NONE, ACKS_LEADER, ACKS_ALL):
             raise InvalidRequiredAcksError(f"acks={acks}")
         payload = memoryview(payload_bytes(request.payload))
         results: list[ProducePartitionResult] = []
         waits: list[tuple[int, Partition, int, int]] = []
+        appended: list[Partition] = []
         position = 0
         session_ok = self.hooks.session_ok()
         for part in request.partitions:
@@ -349,6 +353,24 @@ class ReplicaManager:
             )
             if acks == ACKS_ALL:
                 waits.append((len(results) - 1, p, info.last_offset, p.leader_epoch))
+            appended.append(p)
+        # Everything above ran without an await: appends happen in request order.
+        now = trio.current_time()
+        flushes = [p for p in appended if p.log.flush_due(now)]
+        if not waits and not flushes:
+            return ProduceResponse(partitions=results)
+        return Deferred(lambda: self._complete_produce(request, results, waits, flushes))
+
+    async def _complete_produce(
+        self,
+        request: ProduceRequest,
+        results: list[ProducePartitionResult],
+        waits: list[tuple[int, Partition, int, int]],
+        flushes: list[Partition],
+    ) -> ProduceResponse:
+        """The part of a produce that waits: fsync (flush_messages) and replication."""
+        for p in flushes:
+            await p.log.maybe_flush()
         if waits:
             with trio.move_on_after(request.timeout_ms / 1000):
                 for _, p, last, _epoch in waits:
@@ -751,6 +773,8 @@ class ReplicaManager:
         except UnexpectedAppendOffsetError as exc:
             log.warning("%s-%d: %s; re-truncating", p.topic, p.partition, exc)
             return False
+        if batches:
+            await plog.maybe_flush()
         return True
 
 

@@ -9,7 +9,13 @@ Leaving ``connect`` cancels the refresh task and closes every connection.
 Admin calls go to any broker (brokers forward controller operations) and retry
 retriable errors until ``default_api_timeout_ms``; failures raise the
 :mod:`dlog.errors` exception of the broker's error code with one clear message
-(``TopicAlreadyExistsError: topic 'orders' already exists``).
+(``TopicAlreadyExistsError: topic 'orders' already exists``). A call cancelled (or
+timed out by the caller) after its request left may still take effect; a create or
+delete retried after a lost answer can then report TOPIC_ALREADY_EXISTS or
+UNKNOWN_TOPIC_OR_PARTITION for what it did itself.
+
+An exception raised inside any of the ``async with`` blocks comes back to the caller
+as itself, not wrapped in an ExceptionGroup by the nurseries involved.
 """
 
 from __future__ import annotations
@@ -254,9 +260,7 @@ class Client:
     async def delete_topic(self, name: str) -> None:
         """Delete a topic. Raises UnknownTopicOrPartitionError if there is none."""
         request = DeleteTopicsRequest(topics=[name])
-        await self._topic_call(
-            name, request, DeleteTopicsResponse, lambda r: _pick(r.topics, name)
-        )
+        await self._topic_call(name, request, DeleteTopicsResponse, lambda r: _pick(r.topics, name))
         self._metadata.request_refresh()
 
     async def alter_topic(
@@ -323,16 +327,16 @@ class Client:
                 return
             try:
                 status = await self._pool.call_typed(
-                    address, ReplicaStatusRequest(topics=[name]), ReplicaStatusResponse,
+                    address,
+                    ReplicaStatusRequest(topics=[name]),
+                    ReplicaStatusResponse,
                     timeout=timeout,
                 )
             except DlogError:
                 return
             for state in status.partitions:
                 if state.topic == name:
-                    led = next(
-                        (p for p in meta.partitions if p.partition == state.partition), None
-                    )
+                    led = next((p for p in meta.partitions if p.partition == state.partition), None)
                     if led is not None and led.leader == node:
                         states[state.partition] = state
 
@@ -370,7 +374,8 @@ class Client:
         """
         self._metadata.track(name)
         backoff = Backoff(
-            self.options.retry_backoff_ms / 1000, self.options.retry_backoff_max_ms / 1000,
+            self.options.retry_backoff_ms / 1000,
+            self.options.retry_backoff_max_ms / 1000,
             self._rng,
         )
         with trio.move_on_after(timeout):
@@ -476,7 +481,8 @@ class Client:
         budget = self.options.default_api_timeout_ms / 1000
         deadline = trio.current_time() + budget
         backoff = Backoff(
-            self.options.retry_backoff_ms / 1000, self.options.retry_backoff_max_ms / 1000,
+            self.options.retry_backoff_ms / 1000,
+            self.options.retry_backoff_max_ms / 1000,
             self._rng,
         )
         while True:
@@ -495,7 +501,10 @@ class Client:
                 result.error_message or f"topic {name!r}: {_describe_code(result.error_code)}",
             )
             delay = backoff.failed()
-            if not error.retriable or trio.current_time() + delay >= deadline:
+            # The controller answers topic operations from committed metadata: its
+            # "no such topic" is final, unlike a broker's during metadata propagation.
+            final = not error.retriable or isinstance(error, UnknownTopicOrPartitionError)
+            if final or trio.current_time() + delay >= deadline:
                 raise error
             await trio.sleep(delay)
 

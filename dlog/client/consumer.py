@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
 
@@ -72,9 +73,17 @@ from dlog.net.protocol import (
     OffsetFetchResponse,
     TopicPartitionRef,
 )
-from dlog.storage.batch import decode_records, iter_batch_headers
+from dlog.storage.batch import (
+    HEADER_SIZE,
+    LAST_OFFSET_DELTA_POS,
+    LOG_OVERHEAD,
+    decode_records,
+)
 
 log = logging.getLogger(__name__)
+
+_OFFSET_AND_LENGTH = struct.Struct(">qi")
+_I32 = struct.Struct(">i")
 
 _LEADER_ERRORS = (
     NotLeaderError,
@@ -486,8 +495,11 @@ class Consumer:
                 while True:
                     self._wake = trio.Event()
                     next_at = self._dispatch(trio.current_time())
-                    with trio.move_on_at(next_at):
+                    if next_at == math.inf:
                         await self._wake.wait()
+                    else:
+                        with trio.move_on_at(next_at):
+                            await self._wake.wait()
         finally:
             self._metadata.remove_listener(self._on_metadata)
 
@@ -610,16 +622,23 @@ class Consumer:
             state.log_end_offset = result.log_end_offset
             if not size:
                 continue
-            try:
-                next_offset = fetch_offset
-                for header in iter_batch_headers(data, verify_crc=False):
-                    next_offset = header.next_offset
-            except CorruptRecordError as exc:
-                self._stop_partition(state, exc)
+            whole, next_offset = _whole_batches(data, fetch_offset)
+            if not whole:
+                self._stop_partition(
+                    state,
+                    CorruptRecordError(
+                        f"fetch of {self.topic}-{state.partition} at {fetch_offset} returned"
+                        f" {size} bytes without one whole record batch",
+                        topic=self.topic,
+                        partition=state.partition,
+                        offset=fetch_offset,
+                    ),
+                )
                 continue
             if next_offset <= fetch_offset:
                 continue
-            self._chunks.append(_Chunk(state, data, next_offset, size))
+            size = whole
+            self._chunks.append(_Chunk(state, data[:whole], next_offset, size))
             state.fetch_offset = next_offset
             state.buffered += size
             self._buffered += size
@@ -665,8 +684,12 @@ class Consumer:
             else:
                 log.info(
                     "offset %d of %s-%d out of range [%d, %d]: resetting to %s",
-                    state.fetch_offset, self.topic, state.partition, log_start_offset,
-                    log_end_offset, policy,
+                    state.fetch_offset,
+                    self.topic,
+                    state.partition,
+                    log_start_offset,
+                    log_end_offset,
+                    policy,
                 )
                 state.reset_to = policy
             return
@@ -704,6 +727,26 @@ class Consumer:
         finally:
             state.resetting = False
             self._wake.set()
+
+
+def _whole_batches(data: memoryview, fetch_offset: int) -> tuple[int, int]:
+    """How many leading bytes of ``data`` are whole batches, and the offset after them.
+
+    A cut-off batch at the end (a broker may stop at a byte limit) is left out and
+    fetched again next time; the records themselves are checked when decoded.
+    """
+    position = 0
+    end = len(data)
+    next_offset = fetch_offset
+    while position + HEADER_SIZE <= end:
+        base_offset, batch_length = _OFFSET_AND_LENGTH.unpack_from(data, position)
+        size = batch_length + LOG_OVERHEAD
+        if size < HEADER_SIZE or position + size > end:
+            break
+        (last_delta,) = _I32.unpack_from(data, position + LAST_OFFSET_DELTA_POS)
+        next_offset = max(next_offset, base_offset + last_delta + 1)
+        position += size
+    return position, next_offset
 
 
 def _commit_error(response: OffsetCommitResponse) -> DlogError | None:

@@ -272,8 +272,10 @@ class MetadataCache:
         """
         while self._completed < ticket:
             await self._updated.wait()
-        if self._last_error is not None:
-            raise self._last_error
+        error = self._last_error
+        if error is not None:
+            # A copy per waiter: many tasks may be waiting for the same attempt.
+            raise type(error)(error.message, **error.details)
         return self._view
 
     async def refresh(self) -> ClusterView:
@@ -367,10 +369,7 @@ class MetadataCache:
     def merge(self, response: MetadataResponse, asked: list[str] | None) -> None:
         """Take an answer to a MetadataRequest for ``asked`` (None: every topic)."""
         view = self._view
-        if (
-            response.cluster_id == view.cluster_id
-            and response.metadata_index < view.metadata_index
-        ):
+        if response.cluster_id == view.cluster_id and response.metadata_index < view.metadata_index:
             return
         self._set_view(merge_response(view, response, asked))
 

@@ -169,8 +169,14 @@ class _Unplaced:
         self.topic = topic
         self.deadline = deadline
         self.records: list[
-            tuple[bytes | None, bytes | None, Sequence[Header] | None, int | None, int | None,
-                  DeliveryHandle]
+            tuple[
+                bytes | None,
+                bytes | None,
+                Sequence[Header] | None,
+                int | None,
+                int | None,
+                DeliveryHandle,
+            ]
         ] = []
         self.reserved = 0
         self.event = trio.Event()
@@ -311,6 +317,7 @@ class Producer:
         self._wake = trio.Event()
         self._flushing = 0
         self._batches_closed = 0
+        self._drain_start = 0
         self._closed = False
         self._stopping = False
         self._stopped = trio.Event()
@@ -408,6 +415,9 @@ class Producer:
         batch by batch. They are appended batch-wise (``BatchBuilder.append_values``)
         with no per-record Python object.
 
+        Its last, partly filled batches are sent at once rather than after ``linger_ms``
+        (the call waits for them anyway).
+
         Returns, in order, one :class:`BatchMetadata` per run of records that landed in
         one batch: together they cover every value, in order. Raises the first failure
         (records in other batches may still have been delivered). If cancelled, a
@@ -429,6 +439,11 @@ class Producer:
             iterator = iter(values)
             while chunk := list(itertools.islice(iterator, 8192)):
                 await self._append_values(ts, chunk, fixed, key, parts)
+        # This call waits for its last batches anyway: send them now, not after linger.
+        for batch, _, _ in parts[-ts.num_partitions :]:
+            q = ts.queues[batch.partition]
+            if q.open is batch:
+                self._close_open(q)
         if parts:
             self._wake.set()
         out: list[BatchMetadata] = []
@@ -720,8 +735,7 @@ class Producer:
                     f" {self.config.max_block_ms})"
                 )
             raise RequestTimedOutError(
-                f"no metadata for topic {topic!r} within max_block_ms ="
-                f" {self.config.max_block_ms}"
+                f"no metadata for topic {topic!r} within max_block_ms = {self.config.max_block_ms}"
             )
         return self._ensure_topic(topic, view)
 
@@ -769,8 +783,11 @@ class Producer:
                 and self._requests_in_flight == 0
             ):
                 return
-            with trio.move_on_at(next_at):
+            if next_at == math.inf:
                 await self._wake.wait()
+            else:
+                with trio.move_on_at(next_at):
+                    await self._wake.wait()
 
     def _dispatch(self, now: float) -> float:
         """Close due batches, expire old ones, start requests; returns when to look again."""
@@ -821,8 +838,13 @@ class Producer:
         if want_metadata:
             self._metadata.request_refresh()
         limit = self.config.max_in_flight_requests_per_broker
+        self._drain_start += 1
         for node, queues in by_node.items():
-            queues.reverse()  # pop() from the end takes them in their original order
+            # Start each round at another partition, so that when a request's byte
+            # budget or the in-flight limit cuts the list, no partition always waits.
+            start = self._drain_start % len(queues)
+            queues[:] = queues[start:] + queues[:start]
+            queues.reverse()  # pop() from the end takes them in that order
             while queues and self._in_flight_by_node.get(node, 0) < limit:
                 parts = self._take_request(queues)
                 self._in_flight_by_node[node] = self._in_flight_by_node.get(node, 0) + 1
@@ -907,8 +929,7 @@ class Producer:
                 result = results.get((q.topic, q.partition))
                 if result is None:
                     missing = UnknownServerError(
-                        f"produce response from {address} has no result for"
-                        f" {q.topic}-{q.partition}"
+                        f"produce response from {address} has no result for {q.topic}-{q.partition}"
                     )
                     self._on_error(q, batches, missing, None, now)
                 elif result.error_code == 0:

@@ -14,7 +14,8 @@ Three destinations, as Kafka's clients have them:
 
 Every call retries only errors the error table marks retriable, with exponential
 backoff, until its deadline (``default_api_timeout_ms`` unless the caller gives one);
-then it raises the last error, its message saying how long it tried.
+then it raises the last error, its message saying how long it tried. Cancelling a
+call abandons it between attempts or mid-request (the broker may have acted on it).
 """
 
 from __future__ import annotations
@@ -252,8 +253,9 @@ class Router:
             except DlogError as exc:
                 if not exc.retriable:
                     raise
-                if isinstance(exc, (NotCoordinatorError, CoordinatorNotAvailableError,
-                                    *_UNREACHABLE)):
+                if isinstance(
+                    exc, (NotCoordinatorError, CoordinatorNotAvailableError, *_UNREACHABLE)
+                ):
                     self._coordinators.pop(group, None)
                 delay = backoff.failed()
                 if trio.current_time() + delay >= deadline:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import trio
 
-from dlog.errors import DlogError
+from dlog.errors import DlogError, NetworkError
 from dlog.gossip.config import GossipConfig
 from dlog.gossip.core import GossipCore, GossipStats, validate_metadata
 from dlog.gossip.events import Member, MemberEvent
@@ -128,6 +128,9 @@ class GossipNode:
         self._pool: RpcPool | None = None
         self._leave_done = trio.Event()
         self.send_errors = 0
+        #: Test hook: while set, every datagram in or out is dropped and no push-pull
+        #: starts, as if this node's network were cut.
+        self.isolated = False
 
     # -- what other components use -------------------------------------------------------
 
@@ -314,6 +317,8 @@ class GossipNode:
             except OSError:
                 # e.g. ECONNREFUSED reported for an earlier send: not about this read.
                 continue
+            if self.isolated:
+                continue
             core.receive(data, (source[0], source[1]))
 
     def _flush(self) -> None:
@@ -323,6 +328,8 @@ class GossipNode:
         if core is None or sock is None:
             return
         for (host, port), data in core.datagrams_to_send():
+            if self.isolated:
+                continue
             target = host if _is_ip(host) else self._resolve(host)
             if target is None:
                 continue
@@ -336,7 +343,8 @@ class GossipNode:
             self._publish(events)
         if self._nursery is not None:
             for address in core.push_pulls_to_start():
-                self._nursery.start_soon(self._push_pull, address)
+                if not self.isolated:
+                    self._nursery.start_soon(self._push_pull, address)
 
     def _resolve(self, host: str) -> str | None:
         """A cached IP for ``host``; None (drop this datagram) while it is resolved."""
@@ -394,6 +402,8 @@ class GossipNode:
         self._flush()
 
     async def _on_push_pull(self, request: GossipPushPullRequest) -> GossipPushPullResponse:
+        if self.isolated:
+            raise NetworkError("isolated by a test hook")
         core = self._core
         if core is None:
             raise DlogError("gossip is not running")

@@ -41,7 +41,7 @@ from dlog.errors import (
     error_from_wire,
 )
 from dlog.net.address import parse_address
-from dlog.net.framing import DEFAULT_MAX_FRAME_BYTES, NEED_DATA, Frame, FrameDecoder, encode_header
+from dlog.net.framing import DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, encode_header
 from dlog.net.messages import Message, Operation, from_body, operation_of, payload_length, to_body
 from dlog.net.writer import FrameWriter
 
@@ -235,11 +235,7 @@ class RpcConnection:
                 return
             try:
                 self._decoder.receive_data(data)
-                while True:
-                    frame = self._decoder.next_frame()
-                    if frame is NEED_DATA:
-                        break
-                    assert isinstance(frame, Frame)
+                for frame in self._decoder.frames():
                     self._on_frame(frame)
             except ProtocolError as exc:
                 log.warning("bad response stream from %s: %s", self.address, exc)
@@ -304,15 +300,19 @@ class RpcConnection:
         if op.version:
             header["v"] = op.version
         payload = request.payload
-        size = payload_length(payload)
+        size = payload_length(payload) if payload else 0
         head = encode_header(header, size)
         self._pending[cid] = call
         # Alone on the connection: write at once (latency). Pipelining: let the
         # writer task batch this with the calls around it (throughput).
         alone = len(self._pending) == 1
+        writer = self._writer
         try:
             if not size:
-                await self._writer.enqueue(head, write_now=alone)
+                if writer.has_room:
+                    writer.enqueue_nowait(head, write_now=alone)
+                else:
+                    await writer.enqueue(head, write_now=alone)
             elif isinstance(payload, bytes | bytearray | memoryview):
                 await self._writer.enqueue(head, payload, write_now=alone)
             else:

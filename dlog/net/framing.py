@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import cbor2
 
@@ -48,12 +47,14 @@ class _NeedData(enum.Enum):
 NEED_DATA: Final = _NeedData.NEED_DATA
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """One decoded frame: the CBOR header (a dict) and the raw payload."""
 
     header: dict[Any, Any]
     payload: bytes
+
+
+_new_frame = tuple.__new__  # skips NamedTuple.__new__'s argument handling (hot path)
 
 
 class FrameTooLargeError(ProtocolError, MessageTooLargeError):
@@ -147,6 +148,19 @@ class FrameDecoder:
             self._buf = self._buf[self._pos :] + bytes(data)
             self._pos = 0
 
+    def frames(self) -> list[Frame]:
+        """Every whole frame buffered now (possibly none), in order.
+
+        The batch form of :meth:`next_frame`: a connection handles what one read
+        brought in one loop. Raises ProtocolError like :meth:`next_frame`.
+        """
+        out: list[Frame] = []
+        while True:
+            frame = self.next_frame()
+            if frame is NEED_DATA:
+                return out
+            out.append(frame)
+
     def next_frame(self) -> Frame | _NeedData:
         if self._broken:
             raise ProtocolError("decoder used after a protocol error")
@@ -178,7 +192,7 @@ class FrameDecoder:
         self._header = None
         self._parts = []
         self._parts_len = 0
-        return Frame(header, payload)
+        return _new_frame(Frame, (header, payload))
 
     def _next_frame(self) -> Frame | _NeedData:
         buf = self._buf
@@ -212,7 +226,7 @@ class FrameDecoder:
         if len(buf) >= frame_end:
             self._pos = frame_end
             payload = buf[header_end:frame_end] if payload_len else b""
-            return Frame(header, payload)
+            return _new_frame(Frame, (header, payload))
         # The payload continues in later chunks: collect them, join once.
         self._header = header
         self._payload_len = payload_len

@@ -86,7 +86,8 @@ _PLANS: dict[type, tuple[_FieldPlan, ...]] = {}
 def _converters(tp: Any) -> tuple[_Encoder | None, _Decoder | None]:
     """How to turn a field of type ``tp`` into CBOR values and back."""
     origin = typing.get_origin(tp)
-    if isinstance(tp, type) and issubclass(tp, Struct):
+    if isinstance(tp, type) and issubclass(tp, Struct | Message):
+        # A message nested in another travels as its body (its payload is not carried).
         return _encode_struct, _struct_decoder(tp)
     if origin in (list, tuple, Sequence):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
@@ -116,7 +117,9 @@ def _converters(tp: Any) -> tuple[_Encoder | None, _Decoder | None]:
 
 def _optional(fn: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
     def convert(value: Any) -> Any:
-        return None if value is None or fn is None else fn(value)
+        if value is None:
+            return None
+        return value if fn is None else fn(value)
 
     return convert
 
@@ -202,11 +205,7 @@ def _plan(cls: type) -> tuple[_FieldPlan, ...]:
 
 def to_body(value: Any) -> dict[str, Any]:
     """A message's or struct's fields (not its payload) as a CBOR-ready dict."""
-    body: dict[str, Any] = {}
-    for f in _plan(type(value)):
-        v = getattr(value, f.name)
-        body[f.name] = v if f.encode is None or v is None else f.encode(v)
-    return body
+    return _codec(type(value))[0](value)
 
 
 _T = TypeVar("_T")
@@ -214,21 +213,99 @@ _T = TypeVar("_T")
 
 def from_body(cls: type[_T], body: Any, payload: bytes = b"") -> _T:
     """Build ``cls`` from a decoded body; unknown keys are ignored."""
-    if not isinstance(body, dict):
-        raise ProtocolError(f"{cls.__name__}: body is not a map")
-    kwargs: dict[str, Any] = {}
-    for f in _plan(cls):
-        if f.name in body:
-            v = body[f.name]
-            kwargs[f.name] = v if f.decode is None or v is None else f.decode(v)
-        elif f.required:
-            raise ProtocolError(f"{cls.__name__}: missing required field {f.name!r}")
-    if payload and issubclass(cls, Message):
-        kwargs["payload"] = payload
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+    result: _T = _codec(cls)[1](body, payload)
+    return result
+
+
+def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
+    for klass in cls.__mro__:
+        descriptor = klass.__dict__.get(name)
+        if descriptor is not None and hasattr(descriptor, "__set__"):
+            setter: Callable[[Any, Any], None] = descriptor.__set__
+            return setter
+    raise TypeError(f"{cls.__name__}.{name} is not a slot")
+
+
+_Codec = tuple[Callable[[Any], dict[str, Any]], Callable[[Any, bytes], Any]]
+_CODECS: dict[type, _Codec] = {}
+_MISSING = object()
+
+
+def _codec(cls: type) -> _Codec:
+    """An encoder and a decoder generated for ``cls`` (straight-line code: this runs
+    for every request and response, so no per-field loop or ``**kwargs``)."""
+    codec = _CODECS.get(cls)
+    if codec is not None:
+        return codec
+    plan = _plan(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    ns: dict[str, Any] = {
+        "cls": cls,
+        "MISSING": _MISSING,
+        "ProtocolError": ProtocolError,
+        "dict": dict,
+        "isinstance": isinstance,
+    }
+    enc_items = []
+    dec_lines = [
+        "def decode(body, payload):",
+        "    if not isinstance(body, dict):",
+        f"        raise ProtocolError({cls.__name__ + ': body is not a map'!r})",
+        "    get = body.get",
+    ]
+    args = []
+    for i, f in enumerate(plan):
+        name = f.name
+        if f.encode is None:
+            enc_items.append(f"{name!r}: value.{name}")
+        else:
+            ns[f"enc{i}"] = f.encode
+            enc_items.append(
+                f"{name!r}: (None if (v{i} := value.{name}) is None else enc{i}(v{i}))"
+            )
+        dec_lines.append(f"    v{i} = get({name!r}, MISSING)")
+        dec_lines.append(f"    if v{i} is MISSING:")
+        spec = fields[name]
+        if f.required:
+            message = f"{cls.__name__}: missing required field {name!r}"
+            dec_lines.append(f"        raise ProtocolError({message!r})")
+        elif spec.default_factory is not dataclasses.MISSING:
+            ns[f"factory{i}"] = spec.default_factory
+            dec_lines.append(f"        v{i} = factory{i}()")
+        else:
+            ns[f"default{i}"] = spec.default
+            dec_lines.append(f"        v{i} = default{i}")
+        if f.decode is not None:
+            ns[f"dec{i}"] = f.decode
+            dec_lines.append(f"    elif v{i} is not None:")
+            dec_lines.append(f"        v{i} = dec{i}(v{i})")
+        args.append(f"{name}=v{i}")
+    if "payload" in fields:
+        args.append("payload=payload")
+    slotted = "__slots__" in cls.__dict__ and not hasattr(cls, "__post_init__")
+    if slotted:
+        # Fill the slots directly: a frozen dataclass's __init__ (keyword parsing and a
+        # setattr per field) costs more than all the rest of decoding a message.
+        ns["new"] = object.__new__
+        dec_lines.append("    obj = new(cls)")
+        for arg in args:
+            name, value = arg.split("=", 1)
+            ns[f"set_{name}"] = _slot_setter(cls, name)
+            dec_lines.append(f"    set_{name}(obj, {value})")
+        dec_lines.append("    return obj")
+    else:
+        dec_lines += [
+            "    try:",
+            f"        return cls({', '.join(args)})",
+            "    except (TypeError, ValueError) as exc:",
+            f"        raise ProtocolError({cls.__name__ + ': '!r} + str(exc)) from None",
+        ]
+    enc_src = "def encode(value):\n    return {" + ", ".join(enc_items) + "}\n"
+    # The source is generated from our own dataclass definitions, never from input.
+    exec(enc_src + "\n".join(dec_lines) + "\n", ns)
+    codec = (ns["encode"], ns["decode"])
+    _CODECS[cls] = codec
+    return codec
 
 
 # --- registry --------------------------------------------------------------------

@@ -8,8 +8,10 @@ closes every connection; :meth:`RpcServer.drain` first lets in-flight requests f
 
 Routing: a handler is ``async def handler(request) -> response``. A :class:`Route`
 marked ``inline=True`` is awaited in the connection's read loop (no task spawn: use it
-for handlers that never block for long, e.g. metadata or a local append); others run
-in their own task, so a long-polling fetch does not hold up the requests behind it and
+for handlers that never block for long, e.g. metadata or a local append), so inline
+requests of one connection are handled in the order they arrived; an inline handler
+may return a :class:`Deferred` to finish the rest in a task. Other handlers run in
+their own task, so a long-polling fetch does not hold up the requests behind it and
 responses may go out in a different order than requests came in.
 
 Bad input never crashes the server or touches another connection: a malformed frame,
@@ -41,7 +43,6 @@ from dlog.errors import (
 )
 from dlog.net.framing import (
     DEFAULT_MAX_FRAME_BYTES,
-    NEED_DATA,
     Frame,
     FrameDecoder,
     encode_header,
@@ -63,7 +64,24 @@ from dlog.net.writer import FrameWriter
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any], Awaitable[Message]]
+Handler = Callable[[Any], Awaitable["Message | Deferred"]]
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """What an inline handler returns when it has done the part that must happen in
+    request order (e.g. appending a produce request's batches) and must wait for the
+    rest (e.g. replication): the server awaits ``finish()`` in a task of its own and
+    sends what it returns, while the connection's next requests are read."""
+
+    finish: Callable[[], Awaitable[Message]]
+
+
+def _finisher(deferred: Deferred) -> Handler:
+    async def finish(_request: Any) -> Message:
+        return await deferred.finish()
+
+    return finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +151,8 @@ class RpcServer:
             self._routes[op_name] = (op, route if isinstance(route, Route) else Route(route))
         self._draining = False
         self._in_flight = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        # Made only while drain() waits: most requests never touch an Event.
+        self._idle: trio.Event | None = None
         self._cancel_scope: trio.CancelScope | None = None
         #: Test hook: while set, new connections are closed at once and open ones are
         #: dropped, as if the network to this server were cut.
@@ -190,7 +208,9 @@ class RpcServer:
         self._draining = True
         finished = False
         with trio.move_on_after(self.config.drain_timeout_s if timeout_s is None else timeout_s):
-            await self._idle.wait()
+            if self._in_flight:
+                self._idle = trio.Event()
+                await self._idle.wait()
             finished = True
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
@@ -206,13 +226,11 @@ class RpcServer:
         return self._in_flight
 
     def _request_started(self) -> None:
-        if self._in_flight == 0:
-            self._idle = trio.Event()
         self._in_flight += 1
 
     def _request_finished(self) -> None:
         self._in_flight -= 1
-        if self._in_flight == 0:
+        if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
 
     async def _api_versions(self, request: ApiVersionsRequest) -> ApiVersionsResponse:
@@ -276,11 +294,7 @@ class _ServerConnection:
             self.writer.cork()
             try:
                 self.decoder.receive_data(data)
-                while True:
-                    frame = self.decoder.next_frame()
-                    if frame is NEED_DATA:
-                        break
-                    assert isinstance(frame, Frame)
+                for frame in self.decoder.frames():
                     await self._dispatch(frame, nursery)
                     if self.closing:
                         return
@@ -307,7 +321,8 @@ class _ServerConnection:
             raise ProtocolError(f"unknown operation {name!r}", correlation_id=cid)
         op, route = entry
         try:
-            check_version(op, header.get("v", 0))
+            if "v" in header:
+                check_version(op, header["v"])
             request = from_body(op.request, header.get("b", {}), frame.payload)
         except UnsupportedVersionError as exc:
             await self._send_error(cid, exc)
@@ -321,10 +336,20 @@ class _ServerConnection:
         if route.inline:
             server._request_started()
             try:
-                await self._respond(cid, route.handler, request)
+                deferred = await self._respond(cid, route.handler, request)
             finally:
                 server._request_finished()
+            if deferred is None:
+                return
+            # The ordered part is done; the waiting part runs in its own task.
+            await self._spawn(nursery, cid, _finisher(deferred), request)
             return
+        await self._spawn(nursery, cid, route.handler, request)
+
+    async def _spawn(
+        self, nursery: trio.Nursery, cid: int, handler: Handler, request: Message
+    ) -> None:
+        server = self.server
         if self.in_flight >= server.config.max_in_flight:
             self.writer.uncork()  # answers already made must not wait behind us
             while self.in_flight >= server.config.max_in_flight:
@@ -333,7 +358,7 @@ class _ServerConnection:
             self.writer.cork()
         self.in_flight += 1
         server._request_started()
-        nursery.start_soon(self._handle, cid, route.handler, request)
+        nursery.start_soon(self._handle, cid, handler, request)
 
     async def _handle(self, cid: int, handler: Handler, request: Message) -> None:
         try:
@@ -343,32 +368,48 @@ class _ServerConnection:
             self.server._request_finished()
             self.slot_free.set()
 
-    async def _respond(self, cid: int, handler: Handler, request: Message) -> None:
+    async def _respond(self, cid: int, handler: Handler, request: Message) -> Deferred | None:
+        """Run ``handler`` and send its answer; a :class:`Deferred` is handed back."""
         try:
             response = await handler(request)
         except DlogError as exc:
             await self._send_error(cid, exc)
-            return
+            return None
         except Exception as exc:
             self.server.stats.handler_crashes += 1
             log.exception("%s: handler for %s failed", self.server.name, type(request).__name__)
             await self._send_error(cid, UnknownServerError(f"{type(exc).__name__}: {exc}"))
-            return
-        payload = response.payload
-        size = payload_length(payload)
-        head = encode_header({"i": cid, "b": to_body(response)}, size)
+            return None
+        if isinstance(response, Deferred):
+            return response
+        try:
+            payload = response.payload
+            size = payload_length(payload) if payload else 0
+            head = encode_header({"i": cid, "b": to_body(response)}, size)
+        except Exception as exc:
+            # A response that cannot be encoded is a bug in the handler; it is this
+            # request's failure, never the connection's or the node's.
+            self.server.stats.handler_crashes += 1
+            log.exception("%s: cannot encode %s", self.server.name, type(response).__name__)
+            await self._send_error(cid, UnknownServerError(f"{type(exc).__name__}: {exc}"))
+            return None
         # Inline answers are corked by the read loop; a handler task alone on its
         # connection writes at once; with others in flight, the writer task batches.
         alone = self.in_flight <= 1
+        writer = self.writer
         try:
             if not size:
-                await self.writer.enqueue(head, write_now=alone)
+                if writer.has_room:
+                    writer.enqueue_nowait(head, write_now=alone)
+                else:
+                    await writer.enqueue(head, write_now=alone)
             elif isinstance(payload, bytes | bytearray | memoryview):
                 await self.writer.enqueue(head, payload, write_now=alone)
             else:
                 await self.writer.enqueue(head, *payload, write_now=alone)
         except trio.BrokenResourceError:
             self.close()
+        return None
 
     async def _send_error(self, cid: int, exc: DlogError) -> None:
         self.server.stats.error_responses += 1

@@ -59,6 +59,12 @@ class FrameWriter:
     def queued_bytes(self) -> int:
         return self._outbox_bytes
 
+    @property
+    def has_room(self) -> bool:
+        """Whether :meth:`enqueue` would return without waiting (so a caller on a hot
+        path may use :meth:`enqueue_nowait` and skip a coroutine)."""
+        return self._outbox_bytes < self._max_outbox_bytes and not self.broken
+
     async def enqueue(self, *chunks: Chunk, write_now: bool = False) -> None:
         """Send one frame's chunks (in order, contiguous on the wire).
 

@@ -274,14 +274,20 @@ class LogManager:
                     log = await trio.to_thread.run_sync(
                         PartitionLog.open, directory, config, self.clock
                     )
-                    self._logs[key] = log
-                    self._topic_ids[key] = topic_id
-                    return log
+                    return self._adopt(key, topic_id, log)
                 await self._remove_directory(directory)
             log = await trio.to_thread.run_sync(self._create, directory, topic_id, config)
-            self._logs[key] = log
-            self._topic_ids[key] = topic_id
-            return log
+            return self._adopt(key, topic_id, log)
+
+    def _adopt(self, key: TopicPartition, topic_id: str, log: PartitionLog) -> PartitionLog:
+        """Take ownership of a log opened in a worker thread, unless shutdown began
+        meanwhile (then it is closed, not leaked)."""
+        if not self._running:
+            log.close()
+            raise StorageError("the log manager stopped while the log was being opened")
+        self._logs[key] = log
+        self._topic_ids[key] = topic_id
+        return log
 
     def _create(self, directory: Path, topic_id: str, config: LogConfig) -> PartitionLog:
         try:

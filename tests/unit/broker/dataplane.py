@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-import trio.testing
 
 from dlog.broker.config import BrokerConfig
 from dlog.broker.controller import Controller, FollowerProgress, GossipView, QuorumMember
@@ -40,6 +39,7 @@ class Node:
     address: str = ""
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     up: bool = True
+    stopped: trio.Event = field(default_factory=trio.Event)
 
 
 class InstantQuorum:
@@ -149,6 +149,13 @@ class DataPlaneCluster:
             broker_session_timeout_ms=1000,
             leader_rebalance_interval_ms=0,
         )
+        node = self._fresh_node(node_id, cfg)
+        self.nodes[node_id] = node
+        await self._run_node(node)
+        return node
+
+    def _fresh_node(self, node_id: int, cfg: BrokerConfig) -> Node:
+        """A node with empty memory (image, partitions) over its data directory."""
         image = MetadataImage()
         logs = LogManager(cfg.data_dir / "logs", self.clock, LogConfig())
         holder: dict[str, Node] = {}
@@ -170,7 +177,7 @@ class DataPlaneCluster:
 
         server = RpcServer(
             {
-                "produce": rm.produce,
+                "produce": Route(rm.produce, inline=True),
                 "fetch": rm.fetch,
                 "list_offsets": Route(rm.list_offsets, inline=True),
                 "offsets_for_leader_epoch": Route(rm.offsets_for_leader_epoch, inline=True),
@@ -181,21 +188,24 @@ class DataPlaneCluster:
         )
         node = Node(node_id, cfg, image, logs, rm, server)
         holder["node"] = node
-        self.nodes[node_id] = node
-        await self._run_node(node)
         return node
 
     async def _run_node(self, node: Node, port: int = 0) -> None:
         node.scope = trio.CancelScope()
         node.up = True
 
+        node.stopped = trio.Event()
+
         async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-            with node.scope:
-                async with trio.open_nursery() as inner:
-                    await inner.start(node.logs.run)
-                    await inner.start(node.rm.run)
-                    bound = await inner.start(node.server.run, "127.0.0.1", port)
-                    task_status.started(bound)
+            try:
+                with node.scope:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(node.logs.run)
+                        await inner.start(node.rm.run)
+                        bound = await inner.start(node.server.run, "127.0.0.1", port)
+                        task_status.started(bound)
+            finally:
+                node.stopped.set()
 
         bound = await self.nursery.start(run)
         node.address = f"127.0.0.1:{bound}"
@@ -207,44 +217,13 @@ class DataPlaneCluster:
         node.up = False
         node.scope.cancel()
         self.pool.disconnect(node.address)
-        await trio.testing.wait_all_tasks_blocked(0.01)
+        with trio.fail_after(10):
+            await node.stopped.wait()
 
     async def restart(self, node_id: int) -> None:
         old = self.nodes[node_id]
         port = int(old.address.rsplit(":", 1)[1])
-        image = MetadataImage()
-        logs = LogManager(old.config.data_dir / "logs", self.clock, LogConfig())
-        node = old
-        node.image = image
-        node.logs = logs
-        node.rm = ReplicaManager(
-            old.config,
-            logs,
-            self.pool,
-            ReplicaManagerHooks(
-                image=lambda: image,
-                controller_address=self.controller_address,
-                session_ok=lambda: node.up,
-            ),
-            self.clock,
-        )
-        rm = node.rm
-
-        async def alter_partition(req: AlterPartitionRequest) -> object:
-            assert self.controller is not None
-            return await self.controller.alter_partition(req)
-
-        node.server = RpcServer(
-            {
-                "produce": rm.produce,
-                "fetch": rm.fetch,
-                "list_offsets": Route(rm.list_offsets, inline=True),
-                "offsets_for_leader_epoch": Route(rm.offsets_for_leader_epoch, inline=True),
-                "replica_status": Route(rm.replica_status, inline=True),
-                "alter_partition": alter_partition,  # type: ignore[dict-item]
-            },
-            name=f"node{node_id}",
-        )
+        node = self.nodes[node_id] = self._fresh_node(node_id, old.config)
         await self._run_node(node, port)
         self.quorum.catch_up(node)
 

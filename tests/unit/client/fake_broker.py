@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,9 +154,7 @@ class FakeCluster:
         self.transport = transport
         self.cluster_id = "fake-cluster"
         self.clock = ManualClock()
-        self.brokers: dict[int, FakeBroker] = {
-            i: FakeBroker(self, i) for i in range(1, nodes + 1)
-        }
+        self.brokers: dict[int, FakeBroker] = {i: FakeBroker(self, i) for i in range(1, nodes + 1)}
         self.topics: dict[str, FakeTopic] = {}
         self.offsets: dict[tuple[str, str, int], int] = {}
         self.coordinator = 1
@@ -164,6 +162,8 @@ class FakeCluster:
         self.faults: list[Fault] = []
         self.requests: list[tuple[int, str, Message]] = []
         self.produce_gate: trio.Event | None = None
+        #: Applied once to the next partition data a fetch returns (then cleared).
+        self.mangle_fetch: Callable[[bytes], bytes] | None = None
         #: Produce requests that overlapped another for the same partition.
         self.overlapping_produces = 0
         self.changed = trio.Event()
@@ -271,9 +271,12 @@ class FakeCluster:
         """``dlog.connect`` to this cluster (through memory streams or TCP)."""
         rng = random.Random(7)
         if self.transport == "memory":
-            async with open_memory_pool(self, rng) as pool, dlog.connect(
-                self.bootstrap, pool=pool, clock=self.clock, rng=rng, **options
-            ) as client:
+            async with (
+                open_memory_pool(self, rng) as pool,
+                dlog.connect(
+                    self.bootstrap, pool=pool, clock=self.clock, rng=rng, **options
+                ) as client,
+            ):
                 yield client
         else:
             async with dlog.connect(self.bootstrap, clock=self.clock, rng=rng, **options) as c:
@@ -531,7 +534,9 @@ class FakeBroker:
             for part in touched:
                 part.producing -= 1
 
-    async def _wait_for_hw(self, req: ProduceRequest, results: list[ProducePartitionResult]) -> None:
+    async def _wait_for_hw(
+        self, req: ProduceRequest, results: list[ProducePartitionResult]
+    ) -> None:
         c = self.cluster
         with trio.move_on_after(req.timeout_ms / 1000):
             while True:
@@ -545,7 +550,10 @@ class FakeBroker:
                     return
                 await c.changed.wait()
         for i, r in enumerate(results):
-            if not r.error_code and c.partition(r.topic, r.partition).high_watermark <= r.last_offset:
+            if (
+                not r.error_code
+                and c.partition(r.topic, r.partition).high_watermark <= r.last_offset
+            ):
                 results[i] = ProducePartitionResult(
                     topic=r.topic,
                     partition=r.partition,
@@ -566,9 +574,7 @@ class FakeBroker:
             with trio.move_on_at(deadline):
                 await c.changed.wait()
 
-    def _read(
-        self, req: FetchRequest
-    ) -> tuple[list[FetchPartitionResult], list[bytes], int, bool]:
+    def _read(self, req: FetchRequest) -> tuple[list[FetchPartitionResult], list[bytes], int, bool]:
         c = self.cluster
         results: list[FetchPartitionResult] = []
         chunks: list[bytes] = []
@@ -594,7 +600,9 @@ class FakeBroker:
                 code = fault.code
             elif part.leader != self.node_id:
                 code = ErrorCode.NOT_LEADER_OR_FOLLOWER
-            elif fp.current_leader_epoch != NO_EPOCH and fp.current_leader_epoch < part.leader_epoch:
+            elif (
+                fp.current_leader_epoch != NO_EPOCH and fp.current_leader_epoch < part.leader_epoch
+            ):
                 code = ErrorCode.FENCED_LEADER_EPOCH
             elif fp.current_leader_epoch > part.leader_epoch:
                 code = ErrorCode.UNKNOWN_LEADER_EPOCH
@@ -617,6 +625,7 @@ class FakeBroker:
                 )
                 continue
             size = 0
+            first_chunk = len(chunks)
             for base, nxt, data in part.batches:
                 if nxt <= fp.fetch_offset:
                     continue
@@ -631,6 +640,13 @@ class FakeBroker:
                 chunks.append(data)
                 size += len(data)
                 total += len(data)
+            if size and c.mangle_fetch is not None:
+                mangled = c.mangle_fetch(b"".join(chunks[first_chunk:]))
+                c.mangle_fetch = None
+                del chunks[first_chunk:]
+                chunks.append(mangled)
+                total += len(mangled) - size
+                size = len(mangled)
             results.append(
                 FetchPartitionResult(
                     topic=fp.topic,
@@ -679,9 +695,7 @@ class FakeBroker:
             elif q.timestamp == LATEST_TIMESTAMP:
                 offset, ts = part.high_watermark, -1
             else:
-                found = next(
-                    (r for r in part.records() if r.timestamp >= q.timestamp), None
-                )
+                found = next((r for r in part.records() if r.timestamp >= q.timestamp), None)
                 offset, ts = (-1, -1) if found is None else (found.offset, found.timestamp)
             out.append(
                 ListOffsetsPartitionResult(
@@ -694,9 +708,7 @@ class FakeBroker:
         self._log("find_coordinator", req)
         self._request_fault("find_coordinator")
         c = self.cluster
-        return FindCoordinatorResponse(
-            node_id=c.coordinator, rpc=c.brokers[c.coordinator].address
-        )
+        return FindCoordinatorResponse(node_id=c.coordinator, rpc=c.brokers[c.coordinator].address)
 
     async def _offset_commit(self, req: OffsetCommitRequest) -> OffsetCommitResponse:
         self._log("offset_commit", req)
@@ -855,8 +867,12 @@ class FakeBroker:
             controller=min(c.brokers),
             brokers=c._broker_infos(),
             raft_members=[
-                RaftMember(node_id=b.node_id, directory_id=f"dir-{b.node_id}",
-                           address=b.address, role="voter")
+                RaftMember(
+                    node_id=b.node_id,
+                    directory_id=f"dir-{b.node_id}",
+                    address=b.address,
+                    role="voter",
+                )
                 for b in c.brokers.values()
                 if not b.removed
             ],
@@ -947,7 +963,9 @@ async def open_memory_pool(
 
 
 @asynccontextmanager
-async def open_fake_cluster(nodes: int = 1, *, transport: str = "memory") -> AsyncIterator[FakeCluster]:
+async def open_fake_cluster(
+    nodes: int = 1, *, transport: str = "memory"
+) -> AsyncIterator[FakeCluster]:
     """A running fake cluster of ``nodes`` brokers (ids 1..nodes)."""
     cluster = FakeCluster(nodes, transport=transport)
     body_error: BaseException | None = None

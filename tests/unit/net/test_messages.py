@@ -105,3 +105,17 @@ def test_payload_helpers() -> None:
     assert payload_length(chunks) == 5
     assert payload_bytes(chunks) == b"abcde"
     assert payload_bytes(memoryview(b"xy")) == b"xy"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptionalListRequest(Message):
+    names: list[str] | None = None
+    parts: list[Part] | None = None
+
+
+def test_optional_fields_keep_their_values() -> None:
+    req = OptionalListRequest(names=["a", "b"], parts=[Part(partition=1)])
+    body = to_body(req)
+    assert body == {"names": ["a", "b"], "parts": [{"partition": 1, "size": 0}]}
+    assert from_body(OptionalListRequest, body) == req
+    assert from_body(OptionalListRequest, {"names": None}) == OptionalListRequest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import pytest
 import trio
@@ -21,7 +22,7 @@ from dlog.errors import (
 )
 from dlog.net.client import ClientConfig, RpcConnection
 from dlog.net.framing import NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
-from dlog.net.messages import EchoRequest, EchoResponse, payload_bytes
+from dlog.net.messages import EchoRequest, EchoResponse, Message, payload_bytes
 from dlog.net.server import RpcServer, ServerConfig
 from tests.unit.net.rpc_fixtures import (
     ChunksRequest,
@@ -277,3 +278,28 @@ async def test_start_call_deadlines_expire_in_order(autojump_clock: trio.abc.Clo
             await long.result()
         assert trio.current_time() - start == pytest.approx(50)
         assert conn.in_flight == 0
+
+
+async def test_unencodable_response_is_an_error_not_a_crash() -> None:
+    from dlog.net.messages import register
+    from dlog.net.server import RpcServer
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class OddRequest(Message):
+        pass
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class OddResponse(Message):
+        value: object = None
+
+    register("test.odd", OddRequest, OddResponse)
+
+    async def odd(req: OddRequest) -> OddResponse:
+        return OddResponse(value=object())  # cbor2 cannot encode this
+
+    server = RpcServer({"test.odd": odd})
+    async with connected(server) as conn:
+        with pytest.raises(UnknownServerError, match="encode"):
+            await conn.call(OddRequest())
+        assert isinstance(await conn.call(EchoRequest(data=1)), EchoResponse)
+        assert server.stats.handler_crashes == 1

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from rich.console import Console
 from storage_testing import MakeBatch
 
 from dlog.clock import ManualClock
@@ -173,18 +171,6 @@ async def test_retention_task(
         assert log.log_start_offset == log.log_end_offset == 12
         assert len(log.segments) == 1
         nursery.cancel_scope.cancel()
-
-
-async def test_demo_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dlog import demo
-
-    monkeypatch.chdir(tmp_path)
-    out = io.StringIO()
-    await demo.demo(Console(file=out, width=120))
-    text = out.getvalue()
-    assert "order 11: widget x4" in text
-    assert "00000000000000000000.log" in text
-    assert (tmp_path / ".dlog" / "demo" / "orders-0").is_dir()
 
 
 async def test_directory_appearing_after_start_is_adopted_only_if_its_id_matches(

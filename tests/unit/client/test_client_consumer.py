@@ -8,6 +8,7 @@ import trio.testing
 
 from dlog.client.consumer import Consumer
 from dlog.errors import (
+    CorruptRecordError,
     ErrorCode,
     InvalidConfigError,
     OffsetOutOfRangeError,
@@ -21,7 +22,9 @@ def values(n: int, prefix: bytes = b"v") -> list[bytes]:
     return [prefix + b"%04d" % i for i in range(n)]
 
 
-async def read(consumer: Consumer, count: int, timeout_ms: float = 5000) -> list[tuple[int, int, bytes | None]]:
+async def read(
+    consumer: Consumer, count: int, timeout_ms: float = 5000
+) -> list[tuple[int, int, bytes | None]]:
     """(partition, offset, value) of the next ``count`` records, in arrival order."""
     out: list[tuple[int, int, bytes | None]] = []
     while len(out) < count:
@@ -301,7 +304,10 @@ async def test_fetch_buffer_is_bounded(autojump_clock: trio.abc.Clock) -> None:
 
 
 async def test_unknown_topic_or_partition(autojump_clock: trio.abc.Clock) -> None:
-    async with open_fake_cluster() as cluster, cluster.connect(default_api_timeout_ms=2000) as client:
+    async with (
+        open_fake_cluster() as cluster,
+        cluster.connect(default_api_timeout_ms=2000) as client,
+    ):
         cluster.create_topic("t", 2)
         with pytest.raises(UnknownTopicOrPartitionError, match="'nope' does not exist"):
             async with client.consumer("nope"):
@@ -361,3 +367,48 @@ async def test_getmany_cancelled_loses_nothing(autojump_clock: trio.abc.Clock) -
                 await consumer.getmany()
             assert consumer.position(0) == 0
             assert [o for _, o, _ in await read(consumer, 3)] == [0, 1, 2]
+
+
+async def test_a_cut_off_last_batch_is_fetched_again(autojump_clock: trio.abc.Clock) -> None:
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        for i in range(3):
+            cluster.append_values("t", 0, values(10, b"b%d-" % i))
+        cluster.mangle_fetch = lambda data: data[:-7]
+        async with client.consumer("t", from_beginning=True) as consumer:
+            got = await read(consumer, 30)
+        assert [o for _, o, _ in got] == list(range(30))
+        assert [r.partitions[0].fetch_offset for _, r in fetches(cluster)][:2] == [0, 20]
+
+
+async def test_a_corrupt_batch_raises_once_and_stops_the_partition(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        cluster.append_values("t", 0, values(10))
+
+        def flip_last_byte(data: bytes) -> bytes:
+            return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+        cluster.mangle_fetch = flip_last_byte
+        async with client.consumer("t", from_beginning=True) as consumer:
+            with pytest.raises(CorruptRecordError, match="CRC mismatch"):
+                await consumer.getmany(timeout_ms=1000)
+            assert await consumer.getmany(timeout_ms=500) == {}
+            assert consumer.position(0) == 0
+            consumer.seek(0, 0)  # the next fetch is not mangled
+            assert len(await read(consumer, 10)) == 10
+
+
+async def test_gzip_batches_round_trip(autojump_clock: trio.abc.Clock) -> None:
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        async with client.producer(compression="gzip") as producer:
+            await producer.send_many("t", values(500))
+            await producer.send("t", b"keyed", key=b"k")
+        async with client.consumer("t", from_beginning=True) as consumer:
+            got = await read(consumer, 501)
+        assert [v for _, _, v in got] == [*values(500), b"keyed"]
+        stored = sum(len(b) for _, _, b in cluster.partition("t", 0).batches)
+        assert stored < 500 * 5  # compressed: far less than the 5+ bytes per value

@@ -11,7 +11,8 @@ from dlog.storage.batch import Compression
 
 
 @pytest.mark.parametrize(
-    ("text", "wire"), [("all", -1), ("-1", -1), (-1, -1), ("leader", 1), (1, 1), ("none", 0), (0, 0)]
+    ("text", "wire"),
+    [("all", -1), ("-1", -1), (-1, -1), ("leader", 1), (1, 1), ("none", 0), (0, 0)],
 )
 def test_acks_aliases(text: str | int, wire: int) -> None:
     assert ProducerConfig(acks=text).acks_value == wire

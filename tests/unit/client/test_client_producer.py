@@ -61,7 +61,7 @@ async def test_linger_holds_a_batch_then_sends_it_whole(autojump_clock: trio.abc
             await handles[-1]
             assert trio.current_time() - start == pytest.approx(0.020)
             assert [(await h).offset for h in handles] == list(range(10))
-        (node, request), = produce_requests(cluster)
+        ((node, request),) = produce_requests(cluster)
         assert batch_sizes(request) == [10]
 
 
@@ -398,9 +398,7 @@ async def test_buffer_memory_bounds_send_nowait_and_enqueue_waits(
         cluster.create_topic("t", 4)
         await client.wait_for_topic("t")
         cluster.produce_gate = trio.Event()
-        async with client.producer(
-            batch_size=1000, buffer_memory=3000, linger_ms=0
-        ) as producer:
+        async with client.producer(batch_size=1000, buffer_memory=3000, linger_ms=0) as producer:
             for p in range(3):
                 producer.send_nowait("t", b"x", partition=p)
             with pytest.raises(trio.WouldBlock):
@@ -431,7 +429,9 @@ async def test_send_many_covers_every_value_in_order(autojump_clock: trio.abc.Cl
         i = 0
         for b in result:
             log = cluster.partition("t", b.partition).records()
-            stored = [r.value for r in log if b.base_offset <= r.offset < b.base_offset + b.record_count]
+            stored = [
+                r.value for r in log if b.base_offset <= r.offset < b.base_offset + b.record_count
+            ]
             assert stored == values[i : i + b.record_count]
             i += b.record_count
         for _, request in produce_requests(cluster):
@@ -471,7 +471,9 @@ async def test_pipelining_keeps_one_request_per_partition(
             a2 = producer.send_nowait("t", b"a1", partition=0)
             await trio.sleep(0.1)
             # p0's first request is held; p1 went out in a second request; a1 waits.
-            assert [sorted(p.partition for p in r.partitions) for _, r in produce_requests(cluster)] == [[0], [1]]
+            assert [
+                sorted(p.partition for p in r.partitions) for _, r in produce_requests(cluster)
+            ] == [[0], [1]]
             cluster.produce_gate.set()
             assert [(await h).offset for h in (a, b, a2)] == [0, 0, 1]
         assert cluster.overlapping_produces == 0
@@ -488,3 +490,14 @@ async def test_headers_and_timestamps_round_trip(autojump_clock: trio.abc.Clock)
         (record,) = cluster.partition("t", 0).records()
         assert record.headers == (("h", b"1"), ("n", None))
         assert record.timestamp == 1234
+
+
+async def test_send_many_does_not_linger_on_its_last_batch(autojump_clock: trio.abc.Clock) -> None:
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t", 2)
+        await client.wait_for_topic("t")
+        async with client.producer(linger_ms=1000) as producer:
+            start = trio.current_time()
+            await producer.send_many("t", [b"a", b"b"])
+            await producer.send_many("t", [b"c"], partition=1)
+            assert trio.current_time() == start

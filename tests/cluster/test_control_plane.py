@@ -1,0 +1,233 @@
+"""The control plane with real brokers in one process: formation, topics, failover."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+
+from dlog.errors import (
+    ErrorCode,
+    InvalidConfigError,
+    InvalidReplicationFactorError,
+    InvalidTopicError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
+from dlog.net.protocol import ProducePartition, ProduceRequest, ProduceResponse
+from dlog.storage import build_batch
+from tests.cluster.inprocess import InProcessCluster, inprocess_cluster, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def leaders(cluster: InProcessCluster, topic: str) -> dict[int, tuple[int | None, int]]:
+    """Partition -> (leader, epoch) as the controller (or any running broker) sees it."""
+    member = cluster.controller() or next(m for m in cluster.members.values() if m.running)
+    info = member.broker.image.topics[topic]
+    return {p.partition: (p.leader, p.leader_epoch) for p in info.partitions}
+
+
+async def test_cluster_forms_and_spreads_leaders(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path) as cluster:
+        ctrl = cluster.controller()
+        assert ctrl is not None
+        await wait_for(lambda: sum(m.voter for m in ctrl.broker.quorum_members()) == 3)
+        async with cluster.client() as client:
+            await client.create_topic("six", partitions=6, replication_factor=3)
+            await client.wait_for_topic("six")
+            desc = await client.describe_topic("six")
+        counts = {n: 0 for n in (1, 2, 3)}
+        for p in desc.partitions:
+            assert p.leader is not None
+            counts[p.leader] += 1
+            assert sorted(p.replicas) == [1, 2, 3]
+            assert sorted(p.isr) == [1, 2, 3]
+        assert counts == {1: 2, 2: 2, 3: 2}
+        # Every broker answers metadata from its own copy, at the same index eventually.
+        index = ctrl.broker.image.applied_index
+        await wait_for(
+            lambda: all(m.broker.image.applied_index >= index for m in cluster.members.values())
+        )
+
+
+async def test_produce_and_consume_through_the_cluster(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path) as cluster, cluster.client() as client:
+        await client.create_topic("orders", partitions=3, replication_factor=3)
+        await client.wait_for_topic("orders")
+        async with client.producer(acks="all") as producer:
+            for i in range(30):
+                await producer.send("orders", b"v%d" % i, key=b"k%d" % (i % 5))
+            await producer.send_many("orders", [b"bulk%d" % i for i in range(100)])
+        values = []
+        async with client.consumer("orders", group="g", from_beginning=True) as consumer:
+            while len(values) < 130:
+                batch = await consumer.getmany(max_records=1000, timeout_ms=5000)
+                assert batch, f"only {len(values)} records"
+                for records in batch.values():
+                    values.extend(r[3] for r in records)
+            await consumer.commit()
+        assert sorted(values) == sorted(
+            [b"v%d" % i for i in range(30)] + [b"bulk%d" % i for i in range(100)]
+        )
+        # The group resumes where it committed: nothing new to read.
+        async with client.consumer("orders", group="g") as consumer:
+            assert await consumer.getmany(timeout_ms=500) == {}
+
+
+async def test_killed_broker_loses_leaderships_to_isr_then_rejoins(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path) as cluster:
+        async with cluster.client() as client:
+            await client.create_topic("t", partitions=6, replication_factor=3)
+            await client.wait_for_topic("t")
+        ctrl = cluster.controller()
+        assert ctrl is not None
+        victim = next(n for n in (1, 2, 3) if n != ctrl.node_id)
+        await wait_for(
+            lambda: any(leader == victim for leader, _ in leaders(cluster, "t").values())
+        )
+        before = leaders(cluster, "t")
+        led = [p for p, (leader, _) in before.items() if leader == victim]
+        assert led
+        await cluster.kill(victim)
+        # Within the failover budget (detection 1.5 s + election), with slack for CI.
+        await wait_for(
+            lambda: all(leaders(cluster, "t")[p][0] not in (None, victim) for p in led), 10
+        )
+        after = leaders(cluster, "t")
+        image = ctrl.broker.image
+        for p in led:
+            assert after[p][1] > before[p][1]
+            info = image.partition("t", p)
+            assert info is not None
+            assert victim not in info.isr
+        # It comes back as a follower and returns to every ISR.
+        await cluster.start(victim)
+        await cluster.wait_ready()
+        await wait_for(lambda: all(victim in p.isr for p in image.topics["t"].partitions), 30)
+
+
+async def test_killed_controller_is_replaced(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path) as cluster:
+        async with cluster.client() as client:
+            await client.create_topic("before", partitions=2)
+        old = cluster.controller()
+        assert old is not None
+        await cluster.kill(old.node_id)
+        await wait_for(lambda: cluster.controller() not in (None, old), 10)
+        new = cluster.controller()
+        assert new is not None
+        assert "before" in new.broker.image.topics
+        with trio.fail_after(10):
+            async with cluster.client() as client:
+                await client.create_topic("after", partitions=1, replication_factor=2)
+                await client.wait_for_topic("after")
+
+
+async def test_second_bootstrap_changes_nothing(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path) as cluster:
+        async with cluster.client() as client:
+            await client.create_topic("keep", partitions=1)
+        first = cluster.members[1]
+        cluster_id = first.broker.cluster_id
+        await cluster.kill(1)
+        await cluster.start(1)  # bootstrap_cluster=True again, on existing state
+        await cluster.wait_ready()
+        assert cluster.members[1].broker.cluster_id == cluster_id
+        ctrl = cluster.controller()
+        assert ctrl is not None
+        assert "keep" in ctrl.broker.image.topics
+
+
+async def test_wiped_node_rejoins_with_a_new_identity(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path) as cluster:
+        ctrl = cluster.controller()
+        assert ctrl is not None
+        await wait_for(lambda: sum(m.voter for m in ctrl.broker.quorum_members()) == 3)
+        victim = next(n for n in (1, 2, 3) if n != ctrl.node_id)
+        old_dir = next(m.directory_id for m in ctrl.broker.quorum_members() if m.node_id == victim)
+        await cluster.kill(victim)
+        shutil.rmtree(cluster.members[victim].config.data_dir)
+        await cluster.start(victim)
+        await cluster.wait_ready()
+        new_dir = cluster.members[victim].broker.quorum.directory_id
+        assert new_dir != old_dir
+
+        def rejoined() -> bool:
+            ctrl_now = cluster.controller()
+            if ctrl_now is None:
+                return False
+            members = {(m.node_id, m.directory_id): m for m in ctrl_now.broker.quorum_members()}
+            return (victim, old_dir) not in members and members.get((victim, new_dir)) is not None
+
+        await wait_for(rejoined, 30)
+
+
+async def test_admin_bad_input_changes_nothing(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path) as cluster, cluster.client() as client:
+        await client.create_topic("exists", partitions=1)
+        before = sorted(t.name for t in await client.list_topics())
+        with pytest.raises(InvalidTopicError):
+            await client.create_topic("bad name!")
+        with pytest.raises(InvalidTopicError):
+            await client.create_topic("x" * 250)
+        with pytest.raises(InvalidReplicationFactorError):
+            await client.create_topic("toomany", replication_factor=4)
+        with pytest.raises(TopicAlreadyExistsError):
+            await client.create_topic("exists")
+        with pytest.raises(InvalidConfigError):
+            await client.create_topic("cfg", config={"retention": "1"})
+        with pytest.raises(UnknownTopicOrPartitionError):
+            await client.delete_topic("missing")
+        with pytest.raises(UnknownTopicOrPartitionError):
+            await client.describe_topic("missing")
+        assert sorted(t.name for t in await client.list_topics()) == before
+
+
+async def test_cut_off_leader_stops_leading_within_the_session_timeout(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path, broker_session_timeout_ms=2000) as cluster:
+        async with cluster.client() as client:
+            await client.create_topic("t", partitions=3, replication_factor=3)
+            await client.wait_for_topic("t")
+        ctrl = cluster.controller()
+        assert ctrl is not None
+        # Cut off a broker that leads a partition (the controller too, if it leads one).
+        victim = next(
+            m
+            for m in cluster.members.values()
+            if any(leader == m.node_id for leader, _ in leaders(cluster, "t").values())
+        )
+        led = [p for p, (leader, _) in leaders(cluster, "t").items() if leader == victim.node_id]
+        cluster.isolate(victim.node_id)
+        # It stops acting as leader once it has heard from no Raft leader for the
+        # session timeout (2 s here; the deadline leaves room for a busy machine).
+        await wait_for(lambda: not victim.broker._session_ok(), 10)
+        batch = bytes(build_batch([b"x"], base_timestamp=1_700_000_000_000))
+        response = await victim.broker.replicas.produce(
+            ProduceRequest(
+                acks=1,
+                timeout_ms=1000,
+                partitions=[ProducePartition(topic="t", partition=led[0], size=len(batch))],
+                payload=batch,
+            )
+        )
+        assert isinstance(response, ProduceResponse)
+        assert response.partitions[0].error_code == ErrorCode.NOT_LEADER_OR_FOLLOWER
+        # Meanwhile the majority fences it and moves its leaderships.
+        others = [m for m in cluster.members.values() if m is not victim]
+
+        def moved() -> bool:
+            for m in others:
+                ctrl_now = m.broker.controller
+                if ctrl_now is not None and ctrl_now.active:
+                    image = m.broker.image
+                    return all(
+                        (info := image.partition("t", p)) is not None
+                        and info.leader not in (None, victim.node_id)
+                        for p in led
+                    )
+            return False
+
+        await wait_for(moved, 15)
