@@ -20,6 +20,7 @@ The parent chooses ports and directory ids, starts the node processes (this file
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import secrets
@@ -93,6 +94,10 @@ def serve(args: argparse.Namespace) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run)
                 node.bootstrap(config)
+                # As a broker does after start-up (DESIGN.md): keep the collector off
+                # long-lived state.
+                gc.collect()
+                gc.freeze()
                 reply({"ready": True})
                 buf = b""
                 while True:

@@ -1169,16 +1169,19 @@ class RaftCore:
     # --- the Ready contract ---------------------------------------------------------------------
 
     def has_ready(self) -> bool:
+        if self._msgs or self._read_states:
+            return True
         log = self.log
-        return bool(
-            self._msgs
-            or self._read_states
-            or log.unstable.entries
-            or log.unstable.snapshot is not None
-            or log.has_next_committed_entries()
-            or self.hard_state() != self._prev_hard
-            or self.soft_state() != self._prev_soft
-        )
+        unstable = log.unstable
+        if unstable.entries or unstable.snapshot is not None or log.committed > log.applied:
+            return True
+        # The same comparisons as hard_state() != prev and soft_state() != prev, without
+        # building either (this runs after every event).
+        hard = self._prev_hard
+        if self.term != hard.term or self.vote != hard.vote or log.committed != hard.commit:
+            return True
+        soft = self._prev_soft
+        return self.role is not soft.role or self.leader != soft.leader or self.term != soft.term
 
     def ready(self) -> Ready | None:
         """What to persist, send and apply now, or None. Call :meth:`advance` with it

@@ -884,6 +884,11 @@ class Simulation:
         self.heal()
         self.params.drop_rate = 0.0
         self.params.long_delay_rate = 0.0
+        # Raft promises liveness only when messages are much faster than the election
+        # timeout (5.6: broadcastTime << electionTimeout); safety was checked under
+        # any delays. Without pre-vote, delays near the timeout can starve the one
+        # node able to win (a stale candidate keeps resetting its timer).
+        self.params.max_delay = min(self.params.max_delay, TICK)
         for node in self.nodes.values():
             if node.core is None:
                 self._start(node)
