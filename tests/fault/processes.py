@@ -1,8 +1,8 @@
 """A local cluster of real ``dlogctl node run`` processes for fault tests.
 
-Nodes are started with :func:`dlogctl.local.start_cluster` (and restarted through the
-CLI's ``dlogctl cluster up``), each in its own session, on ephemeral ports. The
-harness remembers every pid it started and signals exactly those: SIGKILL for a
+Nodes are started with :func:`dlogctl.local.start_node` (and restarted through the
+CLI's ``dlogctl cluster up``), each in its own session, on free ports below the
+kernel's ephemeral range. The harness remembers every pid it started and signals exactly those: SIGKILL for a
 crash, SIGSTOP/SIGCONT for a pause. On exit every paused pid gets SIGCONT first,
 then every pid still alive gets SIGKILL, so nothing outlives the test.
 
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +25,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import trio
-from dlogctl.local import ClusterSpec, node_pid, pid_alive, start_cluster
+from dlogctl.local import (
+    ClusterSpec,
+    describe,
+    node_pid,
+    pid_alive,
+    ready_state,
+    start_node,
+)
 
 from dlog.errors import DlogError
 from dlog.net.client import ClientConfig, RpcPool, open_rpc_pool
@@ -254,8 +263,8 @@ class ProcessCluster:
     async def wait_quorum(self, *, timeout: float = 30) -> None:
         """Until min(3, nodes) nodes are Raft voters.
 
-        ``start_cluster`` (like ``cluster up``) returns once a controller is elected
-        and every broker registered; the controller then adds the others as learners
+        The start (like ``cluster up``) is done once a controller is elected and
+        every broker registered; the controller then adds the others as learners
         and promotes them one by one. Until that is done the first node is the only
         voter, and killing it leaves no one to elect a controller.
         """
@@ -290,29 +299,99 @@ async def process_cluster(root: Path, nodes: int = 3) -> AsyncIterator[ProcessCl
 
     On a failure the tails of the node logs are printed (pytest shows them).
     """
-    spec = await trio.to_thread.run_sync(lambda: _start(root / "cluster", nodes))
+    spec = await trio.to_thread.run_sync(lambda: _start(root, nodes))
+    body_error: BaseException | None = None
     async with open_rpc_pool(ClientConfig(connect_timeout_s=1, request_timeout_s=3)) as pool:
         cluster = ProcessCluster(spec, pool)
         try:
             await cluster.wait_quorum()
             yield cluster
-        except BaseException:
+        except BaseException as exc:
             print(cluster.log_tails())
-            raise
+            body_error = exc
         finally:
             cluster.cleanup()
+    if body_error is not None:
+        # Raised outside the pool's nursery: the test's own exception, not a group.
+        raise body_error
 
 
-def _start(data_dir: Path, nodes: int) -> ClusterSpec:
+def _start(root: Path, nodes: int) -> ClusterSpec:
+    """Start a cluster and wait until it is ready. Ports are checked free before the
+    nodes bind them, but something else may take one in between: a node that exits
+    (it cannot bind) makes a fresh attempt on other ports rather than a 60 s wait."""
+    failures = []
+    for attempt in range(3):
+        spec = ClusterSpec.create(
+            root / f"cluster{attempt}" if attempt else root / "cluster",
+            nodes,
+            _free_base_port(),
+            "127.0.0.1",
+        )
+        spec.save()
+        pids = [start_node(spec, node).pid for node in spec.nodes]
+        try:
+            _wait_ready(spec, pids, timeout=60)
+            return spec
+        except _NodeExited as exc:
+            failures.append(str(exc))
+            _kill_all(pids)
+        except BaseException:
+            _kill_all(pids)
+            raise
+    raise AssertionError(f"no cluster started in 3 attempts: {failures}")
+
+
+class _NodeExited(Exception):
+    pass
+
+
+def _wait_ready(spec: ClusterSpec, pids: list[int], *, timeout: float) -> None:
+    ids = {n.id for n in spec.nodes}
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        for node, pid in zip(spec.nodes, pids, strict=True):
+            if not pid_alive(pid):
+                tail = node.log_file.read_text(errors="replace").splitlines()[-3:]
+                raise _NodeExited(f"node {node.id} exited: {' / '.join(tail)}")
+        ok, state = ready_state(trio.run(describe, [n.rpc for n in spec.nodes]), ids)
+        if ok:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"cluster not ready after {timeout:g} s ({state})")
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        _wait_gone(pid, timeout=10)
+
+
+def _free_base_port() -> int:
+    """A base port P with P, P+100, P+200 (+ node index) free, below the kernel's
+    ephemeral range: there no outgoing connection can take one before a node binds it
+    (``dlogctl.local.free_base_port`` picks from the ephemeral range too)."""
     try:
-        return start_cluster(data_dir, nodes, timeout_s=60)
-    except BaseException:
-        # Kill whatever did start before giving up.
-        spec = ClusterSpec.load(data_dir)
-        if spec is not None:
-            for node in spec.nodes:
-                pid = node_pid(node)
-                if pid is not None:
-                    os.kill(pid, signal.SIGKILL)
-                    _wait_gone(pid, timeout=10)
-        raise
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    top = max(11_000, min(low, 60_000) - 300)
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10_000, top, 10)
+        if all(_port_free(base + off) for off in (0, 1, 2, 100, 101, 102, 200, 201, 202)):
+            return base
+    raise AssertionError("no free port range")
+
+
+def _port_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
