@@ -14,6 +14,7 @@ value must be there, in acknowledged order per partition.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import random
 import signal
@@ -38,6 +39,9 @@ PARTITIONS = 3
 class Workload:
     def __init__(self) -> None:
         self.acked: dict[int, list[bytes]] = {p: [] for p in range(PARTITIONS)}
+        #: Per partition, when each acknowledged record's send started and when it was
+        #: acknowledged (both in send order).
+        self.started: dict[int, list[float]] = {p: [] for p in range(PARTITIONS)}
         self.ack_times: dict[int, list[float]] = {p: [] for p in range(PARTITIONS)}
         self.failures = 0
         self.stop = False
@@ -47,24 +51,22 @@ class Workload:
         while not self.stop:
             value = b"p%d-%012d" % (partition, seq)
             seq += 1
+            started = time.monotonic()
             try:
                 await producer.send(TOPIC, value, partition=partition)
             except DlogError:
                 self.failures += 1
                 continue
             self.acked[partition].append(value)
+            self.started[partition].append(started)
             self.ack_times[partition].append(time.monotonic())
 
     def first_ack_after(self, partition: int, t0: float) -> float | None:
+        """When the first record *sent after* ``t0`` was acknowledged (a record already
+        in flight at the kill may have been acknowledged by the old leader)."""
+        i = bisect.bisect_right(self.started[partition], t0)
         times = self.ack_times[partition]
-        lo, hi = 0, len(times)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if times[mid] <= t0:
-                lo = mid + 1
-            else:
-                hi = mid
-        return times[lo] if lo < len(times) else None
+        return times[i] if i < len(times) else None
 
 
 async def leaders(client: dlog.Client) -> dict[int, int | None]:

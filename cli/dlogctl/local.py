@@ -234,10 +234,14 @@ def kill_node(node: NodeSpec, sig: int = signal.SIGKILL) -> int | None:
 
 
 def free_base_port(span: int = 300, attempts: int = 200) -> int:
-    """A base port P with P .. P+span free for TCP and UDP on 127.0.0.1 (for tests)."""
+    """A base port P with P .. P+span free for TCP and UDP on 127.0.0.1 (for tests).
+
+    Picked below Linux's ephemeral range (32768+), so an outgoing connection of another
+    process cannot take one of the ports between this check and the node's bind.
+    """
     rng = random.Random()
     for _ in range(attempts):
-        base = rng.randrange(20_000, 60_000 - span, 10)
+        base = rng.randrange(20_000, 32_000 - span, 10)
         if all(_port_free(base + off) for off in (0, 1, 2, 100, 101, 102, 200, 201, 202)):
             return base
     raise RuntimeError("no free port range found")
@@ -288,6 +292,12 @@ def ready_state(reply: DescribeClusterResponse | None, ids: set[int]) -> tuple[b
     missing = sorted(ids - registered)
     if missing:
         return False, f"controller is node {reply.controller}; waiting for node(s) {missing}"
+    # Ready means able to survive a failure: the Raft quorum has its voters (up to the
+    # default max_voters of 3), not just learners that are still catching up.
+    voters = sum(1 for m in reply.raft_members if m.role == "voter")
+    want = min(len(ids), 3)
+    if voters < want:
+        return False, f"controller is node {reply.controller}; {voters} of {want} Raft voters"
     return True, f"controller is node {reply.controller}; all {len(ids)} nodes registered"
 
 
