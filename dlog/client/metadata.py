@@ -329,14 +329,18 @@ class MetadataCache:
     # --- internals ------------------------------------------------------------------
 
     def candidates(self) -> list[str]:
-        """Broker addresses to ask, best first: the last that answered, the other known
-        brokers (unfenced first, shuffled), then the bootstrap addresses."""
+        """Broker addresses to ask, best first: the last that answered (unless it is now
+        fenced or dead to gossip), the other known brokers (live ones first, shuffled),
+        then the bootstrap addresses."""
         view = self._view
-        live = [b.rpc for b in view.brokers.values() if b.rpc and not b.fenced]
-        fenced = [b.rpc for b in view.brokers.values() if b.rpc and b.fenced]
+        live = [
+            b.rpc for b in view.brokers.values() if b.rpc and not b.fenced and b.alive is not False
+        ]
+        down = [b.rpc for b in view.brokers.values() if b.rpc and (b.fenced or b.alive is False)]
         self._rng.shuffle(live)
+        first = [self._last_good] if self._last_good not in down else []
         out: list[str] = []
-        for address in [self._last_good, *live, *fenced, *self._bootstrap]:
+        for address in [*first, *live, *down, *self._bootstrap]:
             if address and address not in out:
                 out.append(address)
         return out

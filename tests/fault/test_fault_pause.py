@@ -336,14 +336,6 @@ async def test_paused_controller_is_replaced_and_steps_down_when_it_resumes(
         compare_replica_logs(cluster, topic, hws)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "admin calls (Router.call_any) ask the broker that answered last first and "
-        "give it the full request_timeout_ms (30 s) before trying another, so a hung "
-        "broker stalls every admin call for 30 s though the others could answer"
-    ),
-)
 async def test_admin_calls_get_past_a_hung_broker(tmp_path: Path) -> None:
     async with process_cluster(tmp_path) as cluster:
         controller = await cluster.controller(cluster.node_ids[0])
