@@ -43,9 +43,10 @@ import trio
 
 from dlog.client.backoff import Backoff
 from dlog.client.config import ClientOptions, ConsumerConfig
-from dlog.client.metadata import ClusterView, MetadataCache, TopicInfo
+from dlog.client.metadata import MetadataCache, TopicInfo
 from dlog.client.records import ConsumerRecord, Record
 from dlog.client.routing import Router
+from dlog.client.watch import call_unless, led_elsewhere
 from dlog.errors import (
     CorruptRecordError,
     DlogError,
@@ -84,11 +85,6 @@ from dlog.storage.batch import (
 )
 
 log = logging.getLogger(__name__)
-
-#: A fetch answer this late (beyond its ``max_wait_ms`` long poll) gets the metadata
-#: refreshed every second, so a leader that hangs (rather than failing) is noticed once
-#: the controller moved its partitions.
-_OVERDUE_S = 1.0
 
 _OFFSET_AND_LENGTH = struct.Struct(">qi")
 _I32 = struct.Struct(">i")
@@ -665,42 +661,19 @@ class Consumer:
         """The broker's answer -- unless the metadata shows every partition of the fetch
         led elsewhere first (a leader that hangs, e.g. a paused process, answers nothing
         until the request timeout): then NotLeaderError, and the partitions are fetched
-        from their new leaders. While the answer is overdue (``_OVERDUE_S`` past
-        ``max_wait_ms``) the metadata is refreshed every second to notice such a move."""
-        with trio.CancelScope() as scope:
-
-            def moved(view: ClusterView) -> None:
-                for partition in partitions:
-                    info = view.partition(self.topic, partition)
-                    if info is None or info.leader is None or info.leader == node:
-                        return
-                scope.cancel()
-
-            async def refresh_while_overdue() -> None:
-                await trio.sleep(self.config.max_wait_ms / 1000 + _OVERDUE_S)
-                while True:
-                    self._metadata.request_refresh()
-                    await trio.sleep(1.0)
-
-            self._metadata.add_listener(moved)
-            failure: DlogError | None = None
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(refresh_while_overdue)
-                    try:
-                        response = await self._pool.call_typed(
-                            address, request, FetchResponse, timeout=timeout
-                        )
-                    except DlogError as exc:
-                        failure = exc  # raised below, outside the nursery: not wrapped
-                    nursery.cancel_scope.cancel()
-            finally:
-                self._metadata.remove_listener(moved)
-            if failure is not None:
-                raise failure
-            return response
-        raise NotLeaderError(
-            f"partitions moved away from broker {node} while it did not answer", leader=None
+        from their new leaders (see :mod:`dlog.client.watch`)."""
+        return await call_unless(
+            self._pool,
+            self._metadata,
+            address,
+            request,
+            FetchResponse,
+            timeout=timeout,
+            expected_s=self.config.max_wait_ms / 1000,
+            pointless=led_elsewhere([(self.topic, p) for p in partitions], node),
+            abandoned=lambda: NotLeaderError(
+                f"partitions moved away from broker {node} while it did not answer", leader=None
+            ),
         )
 
     def _on_fetch_error(

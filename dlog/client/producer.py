@@ -55,6 +55,7 @@ from dlog.client.config import ClientOptions, ProducerConfig
 from dlog.client.metadata import ClusterView, MetadataCache
 from dlog.client.partitioner import murmur2, next_sticky_partition
 from dlog.client.records import BatchMetadata, RecordMetadata
+from dlog.client.watch import call_unless, led_elsewhere
 from dlog.clock import WallClock
 from dlog.errors import (
     BrokerNotAvailableError,
@@ -186,11 +187,6 @@ class _Unplaced:
         ] = []
         self.reserved = 0
         self.event = trio.Event()
-
-
-#: A produce answer this late gets the metadata refreshed every second, so a leader
-#: that hangs (rather than failing) is noticed once the controller moved its partitions.
-_OVERDUE_S = 1.0
 
 
 class DeliveryHandle:
@@ -998,45 +994,20 @@ class Producer:
         """The broker's answer -- unless the metadata shows every partition of the
         request led elsewhere first (a leader that hangs, e.g. a paused process, answers
         nothing until ``request_timeout_ms``): then NotLeaderError, and the batches are
-        retried on the new leader at once. While the answer is overdue (past
-        ``_OVERDUE_S``) the metadata is refreshed every second to notice such a move.
+        retried on the new leader at once (see :mod:`dlog.client.watch`).
         A batch abandoned this way may still be appended by the old leader (a duplicate
         at worst, as retries allow; acks=all data on a fenced leader never commits)."""
-        topics = [(q.topic, q.partition) for q, _ in parts]
-        with trio.CancelScope() as scope:
-
-            def moved(view: ClusterView) -> None:
-                for topic, partition in topics:
-                    info = view.partition(topic, partition)
-                    if info is None or info.leader is None or info.leader == node:
-                        return
-                scope.cancel()
-
-            async def refresh_while_overdue() -> None:
-                await trio.sleep(_OVERDUE_S)
-                while True:
-                    self._metadata.request_refresh()
-                    await trio.sleep(1.0)
-
-            self._metadata.add_listener(moved)
-            failure: DlogError | None = None
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(refresh_while_overdue)
-                    try:
-                        response = await self._pool.call_typed(
-                            address, request, ProduceResponse, timeout=timeout
-                        )
-                    except DlogError as exc:
-                        failure = exc  # raised below, outside the nursery: not wrapped
-                    nursery.cancel_scope.cancel()
-            finally:
-                self._metadata.remove_listener(moved)
-            if failure is not None:
-                raise failure
-            return response
-        raise NotLeaderError(
-            f"partitions moved away from broker {node} while it did not answer", leader=None
+        return await call_unless(
+            self._pool,
+            self._metadata,
+            address,
+            request,
+            ProduceResponse,
+            timeout=timeout,
+            pointless=led_elsewhere([(q.topic, q.partition) for q, _ in parts], node),
+            abandoned=lambda: NotLeaderError(
+                f"partitions moved away from broker {node} while it did not answer", leader=None
+            ),
         )
 
     def _on_success(self, q: _PartitionQueue, batches: list[_Batch], base_offset: int) -> None:

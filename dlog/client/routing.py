@@ -29,6 +29,7 @@ import trio
 from dlog.client.backoff import Backoff
 from dlog.client.config import ClientOptions
 from dlog.client.metadata import ClusterView, MetadataCache
+from dlog.client.watch import call_unless
 from dlog.errors import (
     BrokerNotAvailableError,
     CoordinatorNotAvailableError,
@@ -72,10 +73,6 @@ _LEADER_ERRORS = (
 def gave_up(exc: DlogError, what: str, seconds: float) -> DlogError:
     """``exc`` re-made with a message saying what was tried for how long."""
     return type(exc)(f"{what}: gave up after {seconds:g}s: {exc.message}", **exc.details)
-
-
-#: An answer this late gets the metadata refreshed every second (see _call_watching).
-_OVERDUE_S = 1.0
 
 
 class Router:
@@ -144,42 +141,25 @@ class Router:
         """``pool.call_typed``, given up (NetworkError, retriable) as soon as the
         metadata shows the broker at ``address`` fenced or dead to gossip: a broker that
         hangs (a paused process) answers nothing until the timeout, while the others
-        could. While the answer is overdue the metadata is refreshed every second to
-        notice that. A request abandoned this way may still have been carried out
-        (e.g. a topic created), as with any timeout."""
-        failure: DlogError | None = None
-        result: _R | None = None
-        with trio.CancelScope() as scope:
+        could (see :mod:`dlog.client.watch`)."""
 
-            def check(view: ClusterView) -> None:
-                for broker in view.brokers.values():
-                    if broker.rpc == address and (broker.fenced or broker.alive is False):
-                        scope.cancel()
+        def down(view: ClusterView) -> bool:
+            return any(
+                b.rpc == address and (b.fenced or b.alive is False) for b in view.brokers.values()
+            )
 
-            async def refresh_while_overdue() -> None:
-                await trio.sleep(_OVERDUE_S)
-                while True:
-                    self._metadata.request_refresh()
-                    await trio.sleep(1.0)
-
-            self._metadata.add_listener(check)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(refresh_while_overdue)
-                    try:
-                        result = await self._pool.call_typed(
-                            address, request, response_type, timeout=timeout
-                        )
-                    except DlogError as exc:
-                        failure = exc  # raised below, outside the nursery: not wrapped
-                    nursery.cancel_scope.cancel()
-            finally:
-                self._metadata.remove_listener(check)
-        if failure is not None:
-            raise failure
-        if result is None:
-            raise NetworkError(f"{address} stopped answering (fenced or dead to gossip)")
-        return result
+        return await call_unless(
+            self._pool,
+            self._metadata,
+            address,
+            request,
+            response_type,
+            timeout=timeout,
+            pointless=down,
+            abandoned=lambda: NetworkError(
+                f"{address} stopped answering (fenced or dead to gossip)", address=address
+            ),
+        )
 
     async def list_offsets(
         self,

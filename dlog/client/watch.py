@@ -1,0 +1,90 @@
+"""A call that gives up early when the metadata says its broker is no longer the one.
+
+A broker that *fails* (connection refused, reset) fails a call at once; one that
+*hangs* (a paused process, a dead machine whose kernel still ACKs nothing) answers
+nothing until the call's timeout. :func:`call_unless` waits for the answer, but gives
+up the moment the metadata shows what makes waiting pointless (the partitions moved to
+another leader, the broker was fenced or declared dead), and while the answer is
+overdue it keeps the metadata fresh so such a change is seen. What was abandoned may
+still be carried out by the hung broker later -- as with any timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+from dlog.client.metadata import ClusterView, MetadataCache
+from dlog.errors import DlogError
+from dlog.net.client import RpcPool
+from dlog.net.messages import Message
+
+_R = TypeVar("_R", bound=Message)
+
+#: An answer this much later than expected gets the metadata refreshed every second.
+OVERDUE_S = 1.0
+
+
+async def call_unless(
+    pool: RpcPool,
+    metadata: MetadataCache,
+    address: str,
+    request: Message,
+    response_type: type[_R],
+    *,
+    timeout: float,
+    pointless: Callable[[ClusterView], bool],
+    abandoned: Callable[[], DlogError],
+    expected_s: float = 0.0,
+) -> _R:
+    """``pool.call_typed(address, request)``, or ``abandoned()`` raised as soon as
+    ``pointless(view)`` holds for a metadata view (checked on every change).
+
+    ``expected_s``: how long the answer may legitimately take (a long poll's wait);
+    overdue means later than that plus :data:`OVERDUE_S`.
+    """
+    failure: DlogError | None = None
+    result: _R | None = None
+    with trio.CancelScope() as scope:
+
+        def check(view: ClusterView) -> None:
+            if pointless(view):
+                scope.cancel()
+
+        async def refresh_while_overdue() -> None:
+            await trio.sleep(expected_s + OVERDUE_S)
+            while True:
+                metadata.request_refresh()
+                await trio.sleep(1.0)
+
+        metadata.add_listener(check)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refresh_while_overdue)
+                try:
+                    result = await pool.call_typed(address, request, response_type, timeout=timeout)
+                except DlogError as exc:
+                    failure = exc  # raised below, outside the nursery: not wrapped
+                nursery.cancel_scope.cancel()
+        finally:
+            metadata.remove_listener(check)
+    if failure is not None:
+        raise failure
+    if result is None:
+        raise abandoned()
+    return result
+
+
+def led_elsewhere(partitions: list[tuple[str, int]], node: int) -> Callable[[ClusterView], bool]:
+    """True once every one of ``partitions`` has a known leader other than ``node``."""
+
+    def moved(view: ClusterView) -> bool:
+        for topic, partition in partitions:
+            info = view.partition(topic, partition)
+            if info is None or info.leader is None or info.leader == node:
+                return False
+        return True
+
+    return moved
