@@ -306,17 +306,8 @@ class RpcConnection:
         # Alone on the connection: write at once (latency). Pipelining: let the
         # writer task batch this with the calls around it (throughput).
         alone = len(self._pending) == 1
-        writer = self._writer
         try:
-            if not size:
-                if writer.has_room:
-                    writer.enqueue_nowait(head, write_now=alone)
-                else:
-                    await writer.enqueue(head, write_now=alone)
-            elif isinstance(payload, bytes | bytearray | memoryview):
-                await self._writer.enqueue(head, payload, write_now=alone)
-            else:
-                await self._writer.enqueue(head, *payload, write_now=alone)
+            await self._writer.send_frame(head, payload, size, write_now=alone)
         except trio.BrokenResourceError:
             self._pending.pop(cid, None)
             raise NetworkError(f"connection to {self.address} lost", address=self.address) from None

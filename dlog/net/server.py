@@ -396,17 +396,8 @@ class _ServerConnection:
         # Inline answers are corked by the read loop; a handler task alone on its
         # connection writes at once; with others in flight, the writer task batches.
         alone = self.in_flight <= 1
-        writer = self.writer
         try:
-            if not size:
-                if writer.has_room:
-                    writer.enqueue_nowait(head, write_now=alone)
-                else:
-                    await writer.enqueue(head, write_now=alone)
-            elif isinstance(payload, bytes | bytearray | memoryview):
-                await self.writer.enqueue(head, payload, write_now=alone)
-            else:
-                await self.writer.enqueue(head, *payload, write_now=alone)
+            await self.writer.send_frame(head, payload, size, write_now=alone)
         except trio.BrokenResourceError:
             self.close()
         return None

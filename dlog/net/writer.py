@@ -75,6 +75,22 @@ class FrameWriter:
             await self._drained.wait()
         self.enqueue_nowait(*chunks, write_now=write_now)
 
+    async def send_frame(
+        self, head: bytes, payload: Chunk | Sequence[Chunk], size: int, *, write_now: bool
+    ) -> None:
+        """Queue a frame: its encoded header, then a payload of ``size`` bytes given as
+        one buffer or as chunks (sent one after another, never joined). A frame with no
+        payload and room in the queue costs no coroutine switch."""
+        if not size:
+            if self.has_room:
+                self.enqueue_nowait(head, write_now=write_now)
+            else:
+                await self.enqueue(head, write_now=write_now)
+        elif isinstance(payload, bytes | bytearray | memoryview):
+            await self.enqueue(head, payload, write_now=write_now)
+        else:
+            await self.enqueue(head, *payload, write_now=write_now)
+
     def enqueue_nowait(self, *chunks: Chunk, write_now: bool = False) -> None:
         """Queue without waiting for room (for small frames whose count is bounded)."""
         if self.broken:
