@@ -21,7 +21,6 @@ network link (calls fail with NetworkError, open connections to it are closed).
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import math
@@ -79,13 +78,26 @@ class PendingCall:
     when the connection drops, or RequestTimedOutError at its deadline.
     """
 
-    __slots__ = ("_conn", "_done", "_error", "_event", "_response", "cid", "deadline", "op")
+    __slots__ = (
+        "_conn",
+        "_done",
+        "_error",
+        "_event",
+        "_response",
+        "cid",
+        "deadline",
+        "op",
+        "timeout",
+    )
 
-    def __init__(self, conn: RpcConnection, cid: int, op: Operation, deadline: float) -> None:
+    def __init__(
+        self, conn: RpcConnection, cid: int, op: Operation, deadline: float, timeout: float
+    ) -> None:
         self._conn = conn
         self.cid = cid
         self.op = op
         self.deadline = deadline
+        self.timeout = timeout
         self._done = False
         # Made only when someone waits before the response is in: a pipelining
         # caller that collects finished calls never pays for one.
@@ -143,9 +155,11 @@ class RpcConnection:
         self._pending: dict[int, PendingCall] = {}
         self._cids = itertools.count(1)
         # Deadlines without a cancel scope per call (those cost more than the rest of a
-        # call): calls sharing a timeout value expire in the order they were made, so
-        # one FIFO per value is sorted; the timer task sleeps until the earliest head.
-        self._expiry: dict[float, collections.deque[PendingCall]] = {}
+        # call) and without a timer structure per call (one would keep finished calls,
+        # and their responses, alive until their deadlines): the timer task sleeps until
+        # the earliest deadline it knows of, then scans the calls still in flight (at
+        # most max_in_flight) and expires the overdue ones. A call with an earlier
+        # deadline than the timer's wakes it.
         self._timer_target = math.inf
         self._timer_wake = trio.Event()
         self._slot_free = trio.Event()
@@ -197,28 +211,33 @@ class RpcConnection:
 
     async def _expire_loop(self) -> None:
         while True:
-            now = trio.current_time()
-            target = math.inf
-            for timeout, queue in list(self._expiry.items()):
-                while queue and (queue[0].done or queue[0].deadline <= now):
-                    call = queue.popleft()
-                    if not call.done:
-                        self._expire(call, timeout)
-                if queue:
-                    target = min(target, queue[0].deadline)
-                else:
-                    del self._expiry[timeout]
-            self._timer_target = target
+            self._timer_target = target = self._expire_overdue(trio.current_time())
             with trio.move_on_at(target):
                 await self._timer_wake.wait()
             self._timer_wake = trio.Event()
 
-    def _expire(self, call: PendingCall, timeout: float) -> None:
+    def _expire_overdue(self, now: float) -> float:
+        """Expire the calls due by ``now``; returns the earliest deadline left.
+
+        (A function of its own so that no local keeps a call alive while the timer
+        task sleeps.)"""
+        target = math.inf
+        overdue = []
+        for call in self._pending.values():
+            if call.deadline <= now:
+                overdue.append(call)
+            elif call.deadline < target:
+                target = call.deadline
+        for call in overdue:
+            self._expire(call)
+        return target
+
+    def _expire(self, call: PendingCall) -> None:
         self._forget(call)
         call._resolve(
             None,
             RequestTimedOutError(
-                f"{call.op.name} to {self.address} timed out after {timeout:g}s",
+                f"{call.op.name} to {self.address} timed out after {call.timeout:g}s",
                 address=self.address,
             ),
         )
@@ -295,7 +314,7 @@ class RpcConnection:
             )
         limit = self.config.request_timeout_s if timeout is None else timeout
         cid = next(self._cids)
-        call = PendingCall(self, cid, op, trio.current_time() + limit)
+        call = PendingCall(self, cid, op, trio.current_time() + limit, limit)
         header: dict[str, Any] = {"i": cid, "o": op.name, "b": to_body(request)}
         if op.version:
             header["v"] = op.version
@@ -314,10 +333,6 @@ class RpcConnection:
         except BaseException:
             self._pending.pop(cid, None)
             raise
-        queue = self._expiry.get(limit)
-        if queue is None:
-            queue = self._expiry[limit] = collections.deque()
-        queue.append(call)
         if call.deadline < self._timer_target:
             self._timer_wake.set()
         return call

@@ -155,6 +155,48 @@ class FrameDecoder:
         brought in one loop. Raises ProtocolError like :meth:`next_frame`.
         """
         out: list[Frame] = []
+        if self._header is not None:  # finish the frame whose payload was arriving
+            frame = self.next_frame()
+            if frame is NEED_DATA:
+                return out
+            out.append(frame)
+        elif self._broken:
+            raise ProtocolError("decoder used after a protocol error")
+        # Fast path, one loop with no calls but cbor2's: the whole, well-formed frames
+        # in the buffer. Anything else (a partial frame, a bad or oversize header) stops
+        # it, and next_frame() takes over to wait for data or raise the precise error.
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        unpack = _U32.unpack_from
+        loads = cbor2.loads
+        append = out.append
+        max_header = self.max_header_bytes
+        max_frame = self.max_frame_bytes
+        while end - pos >= PREFIX_BYTES:
+            (header_len,) = unpack(buf, pos)
+            header_end = pos + PREFIX_BYTES + header_len
+            if not 0 < header_len <= max_header or header_end > end:
+                break
+            try:
+                header = loads(buf[pos + PREFIX_BYTES : header_end])
+            except Exception:
+                break
+            if type(header) is not dict:
+                break
+            payload_len = header.get("p")
+            if payload_len is None:
+                append(_new_frame(Frame, (header, b"")))
+                pos = header_end
+                continue
+            if type(payload_len) is not int or payload_len < 0:
+                break
+            frame_end = header_end + payload_len
+            if frame_end - pos > max_frame or frame_end > end:
+                break
+            append(_new_frame(Frame, (header, buf[header_end:frame_end] if payload_len else b"")))
+            pos = frame_end
+        self._pos = pos
         while True:
             frame = self.next_frame()
             if frame is NEED_DATA:

@@ -137,3 +137,15 @@ def test_many_pipelined_frames_do_not_grow_the_buffer() -> None:
         decoder.receive_data(frame * 10)
         assert len(drain(decoder)) == 10
     assert decoder.buffered_bytes == 0
+
+
+@pytest.mark.parametrize("bad_p", ["7", -1, 1.5, True, [1]])
+def test_bad_payload_length_in_a_batch_is_a_protocol_error(bad_p: object) -> None:
+    """frames() (the batch path) rejects a bad 'p' like next_frame() does, after
+    a good frame in the same read."""
+    decoder = FrameDecoder()
+    good = encode_frame({"i": 1}, b"abc")
+    body = cbor2.dumps({"i": 2, "p": bad_p})
+    decoder.receive_data(good + len(body).to_bytes(4, "big") + body)
+    with pytest.raises(ProtocolError):
+        decoder.frames()

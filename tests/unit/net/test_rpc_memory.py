@@ -280,6 +280,28 @@ async def test_start_call_deadlines_expire_in_order(autojump_clock: trio.abc.Clo
         assert conn.in_flight == 0
 
 
+async def test_finished_calls_are_not_kept_until_their_deadline() -> None:
+    """A finished call (and its response, e.g. a fetch's megabytes) is freed at once,
+    not held by the timeout machinery until its deadline passes."""
+    import gc
+
+    from dlog.net.client import PendingCall
+
+    def live_calls() -> int:
+        gc.collect()
+        return sum(type(o) is PendingCall for o in gc.get_objects())
+
+    async with connected(make_server(Gates())) as conn:
+        before = live_calls()
+        for i in range(50):
+            # Distinct timeouts, as the pool passes what is left of each caller's budget.
+            response = await conn.call(EchoRequest(data="x", payload=b"y" * 1000), timeout=30 + i)
+            assert isinstance(response, EchoResponse)
+        del response
+        assert live_calls() - before == 0
+        assert conn.in_flight == 0
+
+
 async def test_unencodable_response_is_an_error_not_a_crash() -> None:
     from dlog.net.messages import register
     from dlog.net.server import RpcServer
