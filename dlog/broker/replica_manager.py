@@ -355,8 +355,7 @@ class ReplicaManager:
                 waits.append((len(results) - 1, p, info.last_offset, p.leader_epoch))
             appended.append(p)
         # Everything above ran without an await: appends happen in request order.
-        now = trio.current_time()
-        flushes = [p for p in appended if p.log.flush_due(now)]
+        flushes = [p for p in appended if p.log.flush_before_ack]
         if not waits and not flushes:
             return ProduceResponse(partitions=results)
         return Deferred(lambda: self._complete_produce(request, results, waits, flushes))
@@ -370,7 +369,7 @@ class ReplicaManager:
     ) -> ProduceResponse:
         """The part of a produce that waits: fsync (flush_messages) and replication."""
         for p in flushes:
-            await p.log.maybe_flush()
+            await p.log.flush()
         if waits:
             with trio.move_on_after(request.timeout_ms / 1000):
                 for _, p, last, _epoch in waits:
@@ -773,8 +772,8 @@ class ReplicaManager:
         except UnexpectedAppendOffsetError as exc:
             log.warning("%s-%d: %s; re-truncating", p.topic, p.partition, exc)
             return False
-        if batches:
-            await plog.maybe_flush()
+        if batches and plog.flush_before_ack:
+            await plog.flush()
         return True
 
 

@@ -894,6 +894,20 @@ class PartitionLog:
         # early, which would otherwise put the flush off by a whole check interval.
         return now - self._last_flush_time >= config.flush_ms / 1000 - 1e-6
 
+    @property
+    def flush_before_ack(self) -> bool:
+        """Does the flush policy want what was written so far fsynced before it is
+        acknowledged? True once ``flush_messages`` records are unflushed, or always
+        with ``flush_ms=0``. An interval flush (``flush_ms``) is the background
+        flusher's job (LogManager), not a request's: a produce or a follower fetch
+        that waited for it would stall every acks=all producer once per interval."""
+        if not self.needs_flush:
+            return False
+        config = self._config
+        return config.flush_ms == 0 or (
+            config.flush_messages > 0 and self.unflushed_messages >= config.flush_messages
+        )
+
     async def maybe_flush(self) -> bool:
         """fsync if the flush policy says so (flush_messages, flush_ms). True if it did."""
         if self._closed or not self.flush_due(trio.current_time()):

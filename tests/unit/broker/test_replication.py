@@ -323,3 +323,18 @@ async def test_list_offsets(tmp_path: Path) -> None:
         )
         assert isinstance(resp, ListOffsetsResponse)
         assert [r.offset for r in resp.partitions] == [0, 3, 0, -1]
+
+
+async def test_flush_messages_acknowledges_only_fsynced_records(tmp_path: Path) -> None:
+    """With flush_messages=1 every replica has fsynced a record before acks=all
+    answers; with the default interval policy, requests never wait for an fsync."""
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("always", flush_messages="1")
+        await cluster.create_topic("interval", flush_ms="3600000")
+        for topic in ("always", "interval"):
+            await wait_until(lambda t=topic: (t, 0) in cluster.leader_of(t).rm.partitions)
+            resp = await produce(cluster, topic, b"a", b"b")
+            assert resp.partitions[0].error_code == 0
+        for node in cluster.nodes.values():
+            assert node.rm.partitions[("always", 0)].log.recovery_point == 2
+            assert node.rm.partitions[("interval", 0)].log.recovery_point == 0

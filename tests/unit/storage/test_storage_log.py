@@ -509,6 +509,34 @@ async def test_flush_ms_interval(
     assert not await log.maybe_flush()  # nothing new
 
 
+async def test_flush_before_ack_follows_the_count_policy_not_the_interval(
+    open_log: OpenLog,
+    make_batch: MakeBatch,
+    autojump_clock: trio.testing.MockClock,
+    tmp_path: Path,
+) -> None:
+    """Requests wait for an fsync only under flush_messages or flush_ms=0; an elapsed
+    interval is the background flusher's business."""
+    interval = open_log(tmp_path / "a-0", flush_ms=1000)
+    interval.append(make_batch(1), leader_epoch=0)
+    assert not interval.flush_due(trio.current_time())  # the first look starts the interval
+    await trio.sleep(5)
+    assert interval.flush_due(trio.current_time())
+    assert not interval.flush_before_ack
+    counted = open_log(tmp_path / "b-0", flush_ms=60_000, flush_messages=3)
+    counted.append(make_batch(2), leader_epoch=0)
+    assert not counted.flush_before_ack
+    counted.append(make_batch(1), leader_epoch=0)
+    assert counted.flush_before_ack
+    await counted.flush()
+    assert not counted.flush_before_ack
+    always = open_log(tmp_path / "c-0", flush_ms=0)
+    await always.flush()  # the new directory and files
+    assert not always.flush_before_ack
+    always.append(make_batch(1), leader_epoch=0)
+    assert always.flush_before_ack
+
+
 # -- retention ------------------------------------------------------------------------------
 
 
