@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -116,6 +117,9 @@ class PendingCall:
         self._done = True
         if self._event is not None:
             self._event.set()
+        conn = self._conn
+        if conn._direct_call is self and conn._direct_scope is not None:
+            conn._direct_scope.cancel()  # resolved by another task: stop reading for it
 
     async def result(self) -> Message:
         """Wait for the response; raises the server's error, NetworkError or
@@ -126,12 +130,16 @@ class PendingCall:
         step and its requests leave in one write.
         """
         if not self._done:
-            if self._event is None:
-                self._event = trio.Event()
+            conn = self._conn
             try:
-                await self._event.wait()
+                if conn._fd is not None and conn._direct_call is None and len(conn._pending) == 1:
+                    await conn._read_for(self)
+                if not self._done:
+                    if self._event is None:
+                        self._event = trio.Event()
+                    await self._event.wait()
             except BaseException:
-                self._conn._forget(self)
+                conn._forget(self)
                 raise
         if self._error is not None:
             raise self._error
@@ -166,6 +174,18 @@ class RpcConnection:
         self._cancel_scope = trio.CancelScope()
         self._closed_reason: str | None = None
         self.closed = trio.Event()
+        # Who reads: normally the reader task (run). A caller whose call is the only
+        # one in flight reads the socket itself (_read_for) while the reader task
+        # steps aside, so its response wakes it straight from the I/O wait. Both read
+        # the raw socket and feed the decoder with no checkpoint in between, so bytes
+        # reach the decoder in the order they arrived whoever reads them.
+        self._fd: int | None = None
+        if isinstance(stream, trio.SocketStream):
+            self._fd = stream.socket.fileno()
+        self._direct_call: PendingCall | None = None
+        self._direct_scope: trio.CancelScope | None = None
+        self._reader_scope: trio.CancelScope | None = None
+        self._reader_back = trio.Event()
 
     @property
     def is_closed(self) -> bool:
@@ -179,6 +199,8 @@ class RpcConnection:
         if self._closed_reason is None:
             self._closed_reason = reason
         self._cancel_scope.cancel()
+        if self._direct_scope is not None:
+            self._direct_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read responses and write requests until the connection ends or is closed.
@@ -243,6 +265,13 @@ class RpcConnection:
         )
 
     async def _read_loop(self) -> None:
+        if self._fd is None:
+            await self._read_stream()
+        else:
+            await self._read_socket(self._fd)
+
+    async def _read_stream(self) -> None:
+        """The reader for streams other than TCP sockets (tests' memory streams)."""
         receive_bytes = self.config.receive_bytes
         while True:
             try:
@@ -250,16 +279,106 @@ class RpcConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._closed_reason = f"read failed: {exc}"
                 return
-            if not data:
+            if not data or not self._feed(data):
                 return
+
+    async def _read_socket(self, fd: int) -> None:
+        """The reader task on a TCP socket; steps aside while a caller reads itself.
+
+        After a short read (the socket was emptied) it waits for readability before
+        reading again, which saves a read that would only say "nothing yet"; after a
+        full one it reads again at once (after a checkpoint, for fairness)."""
+        receive_bytes = self.config.receive_bytes
+        drained = True
+        while True:
+            if self._direct_call is not None:
+                await self._reader_back.wait()
+                drained = True
+                continue
+            if drained:
+                with trio.CancelScope() as scope:
+                    self._reader_scope = scope
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError as exc:
+                        self._closed_reason = f"read failed: {exc}"
+                        return
+                    finally:
+                        self._reader_scope = None
+                if scope.cancelled_caught:
+                    continue  # a caller took over reading
+            else:
+                await trio.lowlevel.checkpoint()
+                if self._direct_call is not None:
+                    continue
             try:
-                self._decoder.receive_data(data)
-                for frame in self._decoder.frames():
-                    self._on_frame(frame)
-            except ProtocolError as exc:
-                log.warning("bad response stream from %s: %s", self.address, exc)
-                self._closed_reason = f"protocol error: {exc}"
+                data = os.read(fd, receive_bytes)
+            except BlockingIOError:
+                drained = True
+                continue
+            except OSError as exc:
+                self._closed_reason = f"read failed: {exc}"
                 return
+            drained = len(data) < receive_bytes
+            if not data or not self._feed(data):
+                return
+
+    async def _read_for(self, call: PendingCall) -> None:
+        """Read the socket in the caller's task until ``call`` resolves (or the
+        connection fails). Only while ``call`` is the only one in flight: the response
+        then wakes its caller straight from the I/O wait, a task switch and a
+        scheduling round sooner than through the reader task. Frames for other calls
+        that arrive meanwhile are dispatched as usual. Cancellation-safe: a read is
+        never torn, and the reader task takes over again on the way out."""
+        fd = self._fd
+        assert fd is not None
+        self._direct_call = call
+        self._reader_back = trio.Event()
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()  # trio aborts its wait now: the socket is ours
+        receive_bytes = self.config.receive_bytes
+        try:
+            while not call._done and not self.is_closed:
+                with trio.CancelScope() as scope:
+                    self._direct_scope = scope
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    finally:
+                        self._direct_scope = None
+                if scope.cancelled_caught:
+                    continue
+                try:
+                    data = os.read(fd, receive_bytes)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    self.close(f"read failed: {exc}")
+                    return
+                if not data:
+                    self.close("connection closed by peer")
+                    return
+                if not self._feed(data):
+                    self.close()
+                    return
+        except trio.ClosedResourceError as exc:
+            self.close(f"read failed: {exc}")
+        finally:
+            self._direct_call = None
+            self._reader_back.set()
+
+    def _feed(self, data: bytes | bytearray) -> bool:
+        """Decode ``data`` and resolve the calls it answers; False on a protocol error
+        (the connection must close)."""
+        try:
+            self._decoder.receive_data(data)
+            for frame in self._decoder.frames():
+                self._on_frame(frame)
+        except ProtocolError as exc:
+            log.warning("bad response stream from %s: %s", self.address, exc)
+            if self._closed_reason is None:
+                self._closed_reason = f"protocol error: {exc}"
+            return False
+        return True
 
     def _on_frame(self, frame: Frame) -> None:
         header = frame.header
