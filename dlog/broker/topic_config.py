@@ -105,9 +105,9 @@ TOPIC_CONFIG_KEYS: dict[str, ConfigKey] = dict(
             "flush_ms",
             _parse_int,
             1000,
-            lambda v: v == -1 or v > 0,
-            "-1 (off) or > 0",
-            "fsync at least this often",
+            lambda v: v >= -1,
+            "-1 (off) or >= 0",
+            "fsync at least this often (0: before every acknowledgement)",
         ),
         _key(
             "flush_messages",
@@ -115,7 +115,7 @@ TOPIC_CONFIG_KEYS: dict[str, ConfigKey] = dict(
             -1,
             lambda v: v == -1 or v > 0,
             "-1 (off) or > 0",
-            "fsync after this many appended batches (1: always)",
+            "fsync once this many records are unflushed (1: before every acknowledgement)",
         ),
         _key(
             "max_timestamp_skew_ms",
@@ -129,8 +129,8 @@ TOPIC_CONFIG_KEYS: dict[str, ConfigKey] = dict(
             "max_message_bytes",
             _parse_int,
             1048588,
-            lambda v: v >= 64,
-            ">= 64",
+            lambda v: 64 <= v <= (1 << 31) - 1,
+            "64 .. 2^31-1",
             "largest record batch a producer may send",
         ),
     ]

@@ -28,11 +28,13 @@ class LogConfig:
     retention_ms: int = 7 * _DAY_MS
     #: Delete the oldest closed segments while the log is bigger than this; -1 = off.
     retention_bytes: int = -1
-    #: fsync unflushed data at least this often.
+    #: fsync unflushed data at least this often; 0 = before every acknowledgement;
+    #: -1 = no interval (flush_messages, shutdown and roll only).
     flush_ms: int = 1000
     #: fsync once this many records are unflushed; 1 = after every append; -1 = off.
     flush_messages: int = -1
-    #: Reject a batch whose maxTimestamp is further than this ahead of the broker.
+    #: Reject a batch whose maxTimestamp is further than this ahead of the broker;
+    #: -1 = unchecked.
     max_timestamp_skew_ms: int = 3600 * 1000
     #: About how many log bytes between two index entries.
     index_interval_bytes: int = 4096
@@ -54,13 +56,13 @@ class LogConfig:
         _at_least(self, "segment_ms", 1)
         _at_least(self, "retention_ms", -1)
         _at_least(self, "retention_bytes", -1)
-        _at_least(self, "flush_ms", 0)
+        _at_least(self, "flush_ms", -1)
         if self.flush_messages == 0 or self.flush_messages < -1:
             raise InvalidConfigError(
                 f"flush_messages must be -1 (off) or at least 1, got {self.flush_messages}",
                 key="flush_messages",
             )
-        _at_least(self, "max_timestamp_skew_ms", 0)
+        _at_least(self, "max_timestamp_skew_ms", -1)
         _at_least(self, "index_interval_bytes", 0, maximum=_MAX_INT32)
         _at_least(self, "segment_index_bytes", 12, maximum=_MAX_INT32)
         _at_least(self, "max_message_bytes", 0, maximum=_MAX_INT32)

@@ -496,7 +496,7 @@ class PartitionLog:
         now_ms = self._clock.now_ms()
         headers = validate_batches(
             buf,
-            now_ms=now_ms,
+            now_ms=now_ms if config.max_timestamp_skew_ms >= 0 else None,
             max_timestamp_skew_ms=config.max_timestamp_skew_ms,
             max_batch_bytes=config.max_message_bytes,
         )
@@ -888,6 +888,8 @@ class PartitionLog:
         config = self._config
         if config.flush_messages > 0 and self.unflushed_messages >= config.flush_messages:
             return True
+        if config.flush_ms < 0:
+            return False
         if self._last_flush_time is None:
             self._last_flush_time = now
         # A microsecond of slack: periodic checks summing float sleeps land a hair

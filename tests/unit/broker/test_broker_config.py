@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from dlog.broker.config import BrokerConfig
-from dlog.broker.topic_config import TopicConfig, validate_topic_configs
+from dlog.broker.topic_config import TOPIC_CONFIG_KEYS, TopicConfig, validate_topic_configs
 from dlog.errors import InvalidConfigError
+from dlog.storage import LogConfig
 
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
@@ -71,3 +72,19 @@ def test_topic_config_validation_and_resolution() -> None:
     assert cfg.retention_ms == 5
     assert cfg.min_insync_replicas == 2
     assert TopicConfig.resolve({}, replication_factor=1).min_insync_replicas == 1
+
+
+@pytest.mark.parametrize(
+    "key",
+    sorted(k for k in TOPIC_CONFIG_KEYS if k in TopicConfig.resolve({}, 3).log_overrides()),
+)
+def test_every_accepted_topic_config_opens_a_log(key: str) -> None:
+    """What the controller accepts, every broker's storage must take: a mismatch made a
+    topic whose partitions no broker could create (flush_ms=-1 once did)."""
+    spec = TOPIC_CONFIG_KEYS[key]
+    candidates = [-(2**31), -2, -1, 0, 1, 13, 64, 1023, 1024, 4096, 2**31 - 1, 2**31, 2**40]
+    accepted = [v for v in candidates if spec.check(v)]
+    assert accepted
+    for value in accepted:
+        cfg = TopicConfig.resolve(validate_topic_configs({key: str(value)}), 3)
+        LogConfig.from_overrides(cfg.log_overrides())

@@ -89,6 +89,17 @@ def test_bad_batch_writes_nothing(open_log: OpenLog, make_batch: MakeBatch, dama
     assert log_file_bytes(log) == size_before
 
 
+def test_minus_one_turns_the_timestamp_check_and_interval_flush_off(
+    open_log: OpenLog, make_batch: MakeBatch, clock: ManualClock
+) -> None:
+    log = open_log(max_timestamp_skew_ms=-1, flush_ms=-1)
+    log.append(make_batch(1, timestamp=clock.now_ms() + 10**9), leader_epoch=0)
+    assert log.log_end_offset == 1
+    assert not log.flush_due(0.0)
+    assert not log.flush_due(10**9)
+    assert not log.flush_before_ack
+
+
 def test_timestamp_and_size_limits(
     open_log: OpenLog, make_batch: MakeBatch, clock: ManualClock
 ) -> None:
