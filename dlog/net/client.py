@@ -3,7 +3,10 @@
 Ownership: :func:`open_rpc_pool` is an async context manager that owns a nursery;
 every connection's reader and writer tasks live there and end when the block exits.
 A connection pipelines any number of requests (bounded by ``max_in_flight``);
-responses are matched by correlation id and may arrive in any order.
+responses are matched by correlation id and may arrive in any order. The reader task
+reads responses, except while a call is the only one in flight: its caller then reads
+the socket itself (``RpcConnection._read_for``), which saves a task switch per round
+trip.
 
 Failure behaviour:
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
 
 from dlog.errors import NetworkError, RequestTimedOutError
-from dlog.net.client import ClientConfig, open_rpc_pool
+from dlog.net.client import ClientConfig, RpcConnection, open_rpc_pool
 from dlog.net.framing import encode_frame, encode_header
 from dlog.net.messages import EchoRequest, EchoResponse, payload_bytes
 from dlog.net.server import RpcServer, ServerConfig
@@ -181,78 +183,70 @@ async def wait_until(predicate: object, timeout: float = 10) -> None:
             await trio.sleep(0.005)
 
 
-async def test_lone_call_reads_itself_then_the_reader_task_takes_over() -> None:
+@asynccontextmanager
+async def tcp_connection() -> AsyncIterator[tuple[Gates, RpcServer, RpcConnection]]:
+    """A test server on loopback and one pooled connection to it."""
     async with trio.open_nursery() as nursery:
-        server = make_server(Gates())
+        gates = Gates()
+        server = make_server(gates)
         scope, port = await start_server(nursery, server)
         async with open_rpc_pool() as pool:
-            conn = await pool.connection(f"127.0.0.1:{port}")
-            for i in range(3):
-                resp = await conn.call(EchoRequest(data=i))
-                assert isinstance(resp, EchoResponse) and resp.data == i
-            assert conn._direct_call is None
-            # Idle now: only the reader task can notice the server hanging up.
-            server.drop_connections()
-            await wait_until(lambda: conn.is_closed)
+            yield gates, server, await pool.connection(f"127.0.0.1:{port}")
         scope.cancel()
+
+
+async def test_lone_call_reads_itself_then_the_reader_task_takes_over() -> None:
+    async with tcp_connection() as (_, server, conn):
+        for i in range(3):
+            resp = await conn.call(EchoRequest(data=i))
+            assert isinstance(resp, EchoResponse) and resp.data == i
+        assert conn._direct_call is None
+        # Idle now: only the reader task can notice the server hanging up.
+        server.drop_connections()
+        await wait_until(lambda: conn.is_closed)
 
 
 async def test_lone_call_reading_itself_times_out_and_the_connection_lives_on() -> None:
-    async with trio.open_nursery() as nursery:
-        gates = Gates()
-        scope, port = await start_server(nursery, make_server(gates))
-        async with open_rpc_pool() as pool:
-            conn = await pool.connection(f"127.0.0.1:{port}")
-            with pytest.raises(RequestTimedOutError):
-                await conn.call(WaitRequest(gate="never"), timeout=0.2)
-            assert conn.in_flight == 0 and not conn.is_closed
-            gates.open("never")  # its late answer is dropped
-            resp = await conn.call(EchoRequest(data="after"))
-            assert isinstance(resp, EchoResponse) and resp.data == "after"
-        scope.cancel()
+    async with tcp_connection() as (gates, _, conn):
+        with pytest.raises(RequestTimedOutError):
+            await conn.call(WaitRequest(gate="never"), timeout=0.2)
+        assert conn.in_flight == 0 and not conn.is_closed
+        gates.open("never")  # its late answer is dropped
+        resp = await conn.call(EchoRequest(data="after"))
+        assert isinstance(resp, EchoResponse) and resp.data == "after"
 
 
 async def test_cancelled_lone_caller_leaves_the_connection_usable() -> None:
-    async with trio.open_nursery() as nursery:
-        gates = Gates()
-        scope, port = await start_server(nursery, make_server(gates))
-        async with open_rpc_pool() as pool:
-            conn = await pool.connection(f"127.0.0.1:{port}")
-            with trio.move_on_after(0.1) as cancelled:
-                await conn.call(WaitRequest(gate="g"))
-            assert cancelled.cancelled_caught
-            assert conn._direct_call is None and conn.in_flight == 0
-            gates.open("g")
-            for i in range(3):
-                resp = await conn.call(EchoRequest(data=i))
-                assert isinstance(resp, EchoResponse) and resp.data == i
-        scope.cancel()
+    async with tcp_connection() as (gates, _, conn):
+        with trio.move_on_after(0.1) as cancelled:
+            await conn.call(WaitRequest(gate="g"))
+        assert cancelled.cancelled_caught
+        assert conn._direct_call is None and conn.in_flight == 0
+        gates.open("g")
+        for i in range(3):
+            resp = await conn.call(EchoRequest(data=i))
+            assert isinstance(resp, EchoResponse) and resp.data == i
 
 
 async def test_calls_started_while_one_reads_itself_get_their_answers() -> None:
-    async with trio.open_nursery() as nursery:
-        gates = Gates()
-        scope, port = await start_server(nursery, make_server(gates))
-        async with open_rpc_pool() as pool:
-            conn = await pool.connection(f"127.0.0.1:{port}")
-            answers: dict[str, str] = {}
+    async with tcp_connection() as (gates, _, conn):
+        answers: dict[str, str] = {}
 
-            async def call(gate: str) -> None:
-                resp = await conn.call(WaitRequest(gate=gate))
-                answers[gate] = resp.gate  # type: ignore[attr-defined]
+        async def call(gate: str) -> None:
+            resp = await conn.call(WaitRequest(gate=gate))
+            answers[gate] = resp.gate  # type: ignore[attr-defined]
 
-            async with trio.open_nursery() as callers:
-                callers.start_soon(call, "a")  # alone: reads the socket itself
-                await wait_until(lambda: gates.entered == ["a"])
-                assert conn._direct_call is not None
-                callers.start_soon(call, "b")
-                callers.start_soon(call, "c")
-                await wait_until(lambda: len(gates.entered) == 3)
-                gates.open("b")  # read by "a"'s task, handed to "b"
-                await wait_until(lambda: "b" in answers)
-                gates.open("a")
-                await wait_until(lambda: "a" in answers)
-                gates.open("c")  # read by the reader task again
-            assert answers == {"a": "a", "b": "b", "c": "c"}
-            assert conn._direct_call is None
-        scope.cancel()
+        async with trio.open_nursery() as callers:
+            callers.start_soon(call, "a")  # alone: reads the socket itself
+            await wait_until(lambda: gates.entered == ["a"])
+            assert conn._direct_call is not None
+            callers.start_soon(call, "b")
+            callers.start_soon(call, "c")
+            await wait_until(lambda: len(gates.entered) == 3)
+            gates.open("b")  # read by "a"'s task, handed to "b"
+            await wait_until(lambda: "b" in answers)
+            gates.open("a")
+            await wait_until(lambda: "a" in answers)
+            gates.open("c")  # read by the reader task again
+        assert answers == {"a": "a", "b": "b", "c": "c"}
+        assert conn._direct_call is None
