@@ -116,7 +116,9 @@ def serve(args: argparse.Namespace) -> None:
         finally:
             storage.close()
 
-    async def handle(node: Any, sm: CountingStateMachine, storage: Any, cmd: dict[str, Any]) -> dict[str, Any]:
+    async def handle(
+        node: Any, sm: CountingStateMachine, storage: Any, cmd: dict[str, Any]
+    ) -> dict[str, Any]:
         from dlog.errors import NotLeaderError
 
         if cmd["cmd"] == "status":
