@@ -126,7 +126,7 @@ class RaftQuorum:
         """
         if self.node.heard_from_leader_within(seconds):
             return True
-        return trio.current_time() - self.node._leader_contact <= seconds
+        return trio.current_time() - self.node.last_leader_contact <= seconds
 
     async def wait_leader_ready(self) -> None:
         await self.node.wait_leader_ready()

@@ -377,6 +377,13 @@ class RaftNode:
             return now - times[len(times) // 2] <= seconds
         return core.leader is not None and now - self._leader_contact <= seconds
 
+    @property
+    def last_leader_contact(self) -> float:
+        """Trio time of the last message from a leader of the then-current term
+        (-inf if none yet). Unlike :meth:`heard_from_leader_within`, it survives an
+        election clearing the known leader."""
+        return self._leader_contact
+
     async def wait_leader_ready(self) -> RaftStatus:
         """Until this node leads and has applied its term's no-op."""
         status: RaftStatus = await self.status.wait_value(lambda s: s.leader_ready)
