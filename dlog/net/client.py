@@ -88,6 +88,7 @@ class PendingCall:
         "_error",
         "_event",
         "_response",
+        "_waiters",
         "cid",
         "deadline",
         "op",
@@ -108,6 +109,7 @@ class PendingCall:
         self._event: trio.Event | None = None
         self._response: Message | None = None
         self._error: DlogError | None = None
+        self._waiters = 0
 
     @property
     def done(self) -> bool:
@@ -134,6 +136,7 @@ class PendingCall:
         """
         if not self._done:
             conn = self._conn
+            self._waiters += 1
             try:
                 if conn._fd is not None and conn._direct_call is None and len(conn._pending) == 1:
                     await conn._read_for(self)
@@ -142,16 +145,28 @@ class PendingCall:
                         self._event = trio.Event()
                     await self._event.wait()
             except BaseException:
-                conn._forget(self)
+                if self._waiters == 1:  # the last one waiting gives up on the answer
+                    conn._forget(self)
                 raise
+            finally:
+                self._waiters -= 1
         if self._error is not None:
             raise self._error
         assert self._response is not None
         return self._response
 
     def forget(self) -> None:
-        """Drop interest in the response; a late one is discarded."""
-        self._conn._forget(self)
+        """Drop interest in the response; a late one is discarded (and ``result()``
+        raises RequestTimedOutError from now on, unless the answer was already in)."""
+        conn = self._conn
+        conn._forget(self)
+        self._resolve(
+            None,
+            RequestTimedOutError(
+                f"{self.op.name} to {conn.address}: forgotten before its answer came",
+                address=conn.address,
+            ),
+        )
 
 
 class RpcConnection:
@@ -173,7 +188,11 @@ class RpcConnection:
         # deadline than the timer's wakes it.
         self._timer_target = math.inf
         self._timer_wake = trio.Event()
+        # Tasks waiting in start_call for a free slot share one Event, replaced only
+        # when it fires (so every waiter wakes, and a connection nobody waits on never
+        # makes one).
         self._slot_free = trio.Event()
+        self._slot_waiters = 0
         self._cancel_scope = trio.CancelScope()
         self._closed_reason: str | None = None
         self.closed = trio.Event()
@@ -348,7 +367,9 @@ class RpcConnection:
                         await trio.lowlevel.wait_readable(fd)
                     finally:
                         self._direct_scope = None
-                if scope.cancelled_caught:
+                if scope.cancelled_caught or call._done or self.is_closed:
+                    # (Woken together with a resolve or a close that cancelled us too
+                    # late: the socket may already be closed, its fd reused.)
                     continue
                 try:
                     data = os.read(fd, receive_bytes)
@@ -376,7 +397,7 @@ class RpcConnection:
             self._decoder.receive_data(data)
             for frame in self._decoder.frames():
                 self._on_frame(frame)
-        except ProtocolError as exc:
+        except Exception as exc:  # ProtocolError, or a response nothing can make sense of
             log.warning("bad response stream from %s: %s", self.address, exc)
             if self._closed_reason is None:
                 self._closed_reason = f"protocol error: {exc}"
@@ -391,7 +412,8 @@ class RpcConnection:
         call = self._pending.pop(cid, None)
         if call is None:
             return  # the caller timed out or was cancelled
-        self._slot_free.set()
+        if self._slot_waiters:
+            self._free_slot()
         err = header.get("e")
         if err is not None:
             if not isinstance(err, dict):
@@ -416,8 +438,12 @@ class RpcConnection:
         call._resolve(response, None)
 
     def _forget(self, call: PendingCall) -> None:
-        if self._pending.pop(call.cid, None) is not None:
-            self._slot_free.set()
+        if self._pending.pop(call.cid, None) is not None and self._slot_waiters:
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        self._slot_free.set()
+        self._slot_free = trio.Event()
 
     async def start_call(self, request: Message, *, timeout: float | None = None) -> PendingCall:
         """Send ``request`` and return at once; await ``.result()`` for the response.
@@ -428,8 +454,11 @@ class RpcConnection:
         """
         op = operation_of(request)
         while len(self._pending) >= self.config.max_in_flight and not self.is_closed:
-            self._slot_free = trio.Event()
-            await self._slot_free.wait()
+            self._slot_waiters += 1
+            try:
+                await self._slot_free.wait()
+            finally:
+                self._slot_waiters -= 1
         if self.is_closed:
             raise NetworkError(
                 f"connection to {self.address} lost: {self._closed_reason}", address=self.address

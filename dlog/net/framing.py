@@ -184,11 +184,7 @@ class FrameDecoder:
                 break
             if type(header) is not dict:
                 break
-            payload_len = header.get("p")
-            if payload_len is None:
-                append(_new_frame(Frame, (header, b"")))
-                pos = header_end
-                continue
+            payload_len = header.get("p", 0)
             if type(payload_len) is not int or payload_len < 0:
                 break
             frame_end = header_end + payload_len

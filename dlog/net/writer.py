@@ -172,6 +172,10 @@ class FrameWriter:
                     self._sending = False
                 self._drained.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            # Broken, closed or cancelled (the connection is going away): frames can no
+            # longer be sent, and whoever waits for room must wake up and hear so.
             self.broken = True
             self._drained.set()
 

@@ -139,7 +139,7 @@ def test_many_pipelined_frames_do_not_grow_the_buffer() -> None:
     assert decoder.buffered_bytes == 0
 
 
-@pytest.mark.parametrize("bad_p", ["7", -1, 1.5, True, [1]])
+@pytest.mark.parametrize("bad_p", ["7", -1, 1.5, True, [1], None])
 def test_bad_payload_length_in_a_batch_is_a_protocol_error(bad_p: object) -> None:
     """frames() (the batch path) rejects a bad 'p' like next_frame() does, after
     a good frame in the same read."""
@@ -148,4 +148,11 @@ def test_bad_payload_length_in_a_batch_is_a_protocol_error(bad_p: object) -> Non
     body = cbor2.dumps({"i": 2, "p": bad_p})
     decoder.receive_data(good + len(body).to_bytes(4, "big") + body)
     with pytest.raises(ProtocolError):
+        decoder.frames()
+
+
+def test_a_header_only_frame_over_the_limit_is_too_large_in_a_batch() -> None:
+    decoder = FrameDecoder(max_frame_bytes=64, max_header_bytes=1024)
+    decoder.receive_data(encode_frame({"i": 1}) + encode_frame({"i": 2, "pad": "x" * 100}))
+    with pytest.raises(FrameTooLargeError):
         decoder.frames()

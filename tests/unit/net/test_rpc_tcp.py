@@ -250,3 +250,79 @@ async def test_calls_started_while_one_reads_itself_get_their_answers() -> None:
             gates.open("c")  # read by the reader task again
         assert answers == {"a": "a", "b": "b", "c": "c"}
         assert conn._direct_call is None
+
+
+async def test_a_call_awaited_twice_survives_one_waiter_giving_up() -> None:
+    async with tcp_connection() as (_, _, conn):
+        call = await conn.start_call(WaitRequest(gate="never"), timeout=0.3)
+        outcome: list[str] = []
+
+        async def waiter() -> None:
+            with pytest.raises(RequestTimedOutError):
+                await call.result()
+            outcome.append("timed out")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            with trio.move_on_after(0.05):
+                await call.result()  # the second waiter gives up early
+        assert outcome == ["timed out"]
+        assert conn.in_flight == 0
+
+
+async def test_result_of_a_forgotten_call_raises_at_once() -> None:
+    async with tcp_connection() as (_, _, conn):
+        call = await conn.start_call(WaitRequest(gate="never"))
+        call.forget()
+        with trio.fail_after(5), pytest.raises(RequestTimedOutError, match="forgotten"):
+            await call.result()
+        assert conn.in_flight == 0
+
+
+async def test_every_task_waiting_for_a_slot_gets_one() -> None:
+    async with trio.open_nursery() as nursery:
+        gates = Gates()
+        scope, port = await start_server(nursery, make_server(gates))
+        async with open_rpc_pool(ClientConfig(max_in_flight=1)) as pool:
+            conn = await pool.connection(f"127.0.0.1:{port}")
+            first = await conn.start_call(WaitRequest(gate="g"))
+            done: list[int] = []
+
+            async def caller(i: int) -> None:
+                await conn.call(EchoRequest(data=i))
+                done.append(i)
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as callers:
+                    for i in range(3):
+                        callers.start_soon(caller, i)
+                    await trio.testing.wait_all_tasks_blocked()
+                    gates.open("g")
+                    await first.result()
+            assert sorted(done) == [0, 1, 2]
+        scope.cancel()
+
+
+async def test_a_sender_waiting_for_outbox_room_hears_of_the_close() -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    async with open_rpc_pool(ClientConfig(max_outbox_bytes=1 << 20)) as pool:
+        conn = await pool.connection(f"127.0.0.1:{port}")
+        peer = await listener.accept()  # never reads: the socket buffers fill up
+        errors: list[Exception] = []
+
+        async def sender() -> None:
+            try:
+                for i in range(10_000):
+                    await conn.start_call(EchoRequest(data=i, payload=b"x" * (256 << 10)))
+            except NetworkError as exc:
+                errors.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                await wait_until(lambda: conn._writer.queued_bytes >= 1 << 20)
+                conn.close()
+        assert len(errors) == 1
+        await peer.aclose()
+    await listener.aclose()
