@@ -90,10 +90,16 @@ def node_run(
     except DlogError as exc:
         fail(exc.message)
     setup_logging(config.node_id, config.log_level)
-    run(_serve, config)
+    if run(_serve, config):
+        fail(
+            f"node {config.node_id} was removed from the cluster (dlogctl node remove);"
+            f" wipe {config.data_dir} to bring this machine back as a new node"
+        )
 
 
-async def _serve(config: BrokerConfig) -> None:
+async def _serve(config: BrokerConfig) -> bool:
+    """Run the node until a signal's controlled shutdown, or until it finds itself
+    removed from the cluster (returns True then)."""
     import trio
 
     from dlog.broker.node import Broker  # the whole node: imported only to run one
@@ -114,6 +120,7 @@ async def _serve(config: BrokerConfig) -> None:
             nursery.start_soon(stop_on_signal)
             await broker.stopped.wait()
             nursery.cancel_scope.cancel()
+    return broker.removed
 
 
 @app.command("remove")

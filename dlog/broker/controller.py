@@ -54,6 +54,7 @@ from dlog.errors import (
     InvalidRequestError,
     InvalidTopicError,
     InvalidUpdateVersionError,
+    NotControllerError,
     NotLeaderError,
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
@@ -121,6 +122,10 @@ class MetadataQuorum(Protocol):
     async def promote(self, node_id: int, directory_id: str) -> None: ...
 
     async def remove_member(self, node_id: int, directory_id: str) -> None: ...
+
+    async def step_down(self) -> None:
+        """Hand leadership (and so control) to another voter, if possible."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,12 +540,21 @@ class Controller:
             member = members.get(req.node_id)
             if member is None and req.node_id not in image.brokers:
                 raise BrokerIdNotRegisteredError(f"node {req.node_id} is not in the cluster")
-            if member is not None:
-                if member.voter and sum(m.voter for m in members.values()) <= 1:
-                    raise InvalidRequestError("cannot remove the last Raft voter")
-                await self.quorum.remove_member(req.node_id, member.directory_id)
+            if member is not None and member.voter and sum(m.voter for m in members.values()) <= 1:
+                raise InvalidRequestError("cannot remove the last Raft voter")
+            if req.node_id == self.node_id:
+                # This node would stop half-way through its own removal: hand control to
+                # another voter, which the client's retry then reaches.
+                await self.quorum.step_down()
+                raise NotControllerError(
+                    f"node {req.node_id} is the controller; control moved to another voter"
+                )
+            # The registry first, while the node still gets the metadata: it then sees
+            # itself unregistered, is refused when it registers again, and stops.
             if req.node_id in image.brokers:
                 await self._propose([UnregisterBroker(node_id=req.node_id)])
+            if member is not None:
+                await self.quorum.remove_member(req.node_id, member.directory_id)
         log.info("removed node %d from the cluster", req.node_id)
         self.wake()
         return RemoveNodeResponse()

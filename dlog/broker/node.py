@@ -51,6 +51,7 @@ from dlog.broker.quorum import RaftQuorum
 from dlog.broker.replica_manager import ReplicaManager, ReplicaManagerHooks
 from dlog.clock import SystemClock, WallClock
 from dlog.errors import (
+    BrokerIdNotRegisteredError,
     BrokerNotAvailableError,
     DlogError,
     NetworkError,
@@ -108,6 +109,9 @@ class Broker:
         self._cancel_scope: trio.CancelScope | None = None
         self._registered_index = -1
         self._caught_up_once = False
+        #: Set when the controller refused this node's registration because it was
+        #: removed from the cluster for good (``dlogctl node remove``); the node stops.
+        self.removed = False
         self.stopped = trio.Event()
 
     # --- accessors used by handlers and components ----------------------------------------
@@ -451,6 +455,16 @@ class Broker:
                     await self.pool.call(address, request, timeout=5)
                 log.info("registered with the controller (incarnation %s)", self.incarnation)
                 await trio.sleep(0.5)
+            except BrokerIdNotRegisteredError as exc:
+                # Only a removed node's registration is refused so: nothing this process
+                # can do will bring it back, so it leaves rather than linger half-joined.
+                log.error("%s; stopping", exc.message)
+                self.removed = True
+                if self._gossip is not None:
+                    await self._gossip.leave(timeout_s=0.5)
+                if self._cancel_scope is not None:
+                    self._cancel_scope.cancel()
+                return
             except DlogError as exc:
                 log.debug("registration not done yet: %s", exc)
                 await trio.sleep(backoff)

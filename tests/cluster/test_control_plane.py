@@ -252,6 +252,27 @@ async def test_alter_to_the_same_partition_count_is_an_error(tmp_path: Path) -> 
         assert len((await client.describe_topic("t")).partitions) == 3
 
 
+async def test_removing_the_controllers_own_node_moves_control_first(tmp_path: Path) -> None:
+    async with inprocess_cluster(tmp_path, nodes=3) as cluster:
+        await wait_for(lambda: cluster.controller() is not None)
+        ctrl = cluster.controller()
+        assert ctrl is not None
+        old = ctrl.node_id
+        async with cluster.client() as client:
+            await client.remove_node(old)
+
+            def voters() -> set[int]:
+                c = cluster.controller()
+                if c is None or c.node_id == old:
+                    return set()
+                return {m.node_id for m in c.broker.quorum_members() if m.voter}
+
+            await wait_for(lambda: len(voters()) == 2 and old not in voters())
+            await wait_for(lambda: cluster.members[old].broker.stopped.is_set())
+            assert cluster.members[old].broker.removed
+            await client.create_topic("after", partitions=1, replication_factor=2)
+
+
 async def test_fourth_node_is_a_learner_and_node_remove_takes_a_node_out(tmp_path: Path) -> None:
     async with inprocess_cluster(tmp_path, nodes=4) as cluster:
         ctrl = cluster.controller()
@@ -271,8 +292,11 @@ async def test_fourth_node_is_a_learner_and_node_remove_takes_a_node_out(tmp_pat
             c = cluster.controller()
             assert c is not None
             assert learner not in c.broker.image.brokers
-            # For good: the removed node (still running here) cannot register again.
+            # The removed node (still running) finds itself refused and stops.
             removed = cluster.members[learner].broker
+            await wait_for(lambda: removed.stopped.is_set())
+            assert removed.removed
+            # For good: its directory cannot register again.
             assert removed.identity is not None
             assert removed.addresses is not None
             with pytest.raises(BrokerIdNotRegisteredError, match="removed"):
@@ -291,4 +315,6 @@ async def test_fourth_node_is_a_learner_and_node_remove_takes_a_node_out(tmp_pat
             # Removing a voter leaves the remaining two as the quorum.
             await client.remove_node(voter)
             await wait_for(lambda: voter not in roles() and sum(roles().values()) == 2)
+            await wait_for(lambda: cluster.members[voter].broker.stopped.is_set())
+            assert cluster.members[voter].broker.removed
             await client.create_topic("after", partitions=1, replication_factor=2)

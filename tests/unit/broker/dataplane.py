@@ -87,6 +87,9 @@ class InstantQuorum:
     async def remove_member(self, node_id: int, directory_id: str) -> None:
         return None
 
+    async def step_down(self) -> None:
+        return None
+
 
 class DataPlaneCluster:
     def __init__(self, tmp: Path, nursery: trio.Nursery, pool: RpcPool, **overrides: object):
