@@ -64,7 +64,10 @@ def bring_up(
         )
         spec.save()
     started = []
-    for node in spec.nodes:
+    live = spec.live_nodes
+    if not live:
+        fail(f"every node of the cluster in {data_dir} was removed from it")
+    for node in live:
         if node_pid(node) is None:
             start_node(spec, node, log_level=log_level)
             started.append(node.id)
@@ -72,8 +75,13 @@ def bring_up(
         console.print(f"started node(s) {', '.join(map(str, started))}")
     else:
         console.print("every node is already running")
-    ids = {n.id for n in spec.nodes}
-    addresses = [n.rpc for n in spec.nodes]
+    removed = [n.id for n in spec.nodes if n not in live]
+    if removed:
+        console.print(
+            f"not started: node(s) {', '.join(map(str, removed))}, removed from the cluster"
+        )
+    ids = {n.id for n in live}
+    addresses = [n.rpc for n in live]
     deadline = time.monotonic() + timeout
     with Progress(
         SpinnerColumn(),
@@ -89,7 +97,7 @@ def bring_up(
             progress.update(task, description=state)
             if ok:
                 break
-            for node in spec.nodes:
+            for node in live:
                 if node.id in started and node_pid(node) is None:
                     fail(f"node {node.id} exited; see {node.log_file}")
             if time.monotonic() > deadline:
@@ -100,7 +108,7 @@ def bring_up(
             time.sleep(0.2)
     assert reply is not None
     console.print(f"cluster ready: {len(ids)} node(s), controller is node {reply.controller}")
-    console.print(f"bootstrap: [bold]{spec.nodes[0].rpc}[/]")
+    console.print(f"bootstrap: [bold]{live[0].rpc}[/]")
     console.print(f"data and logs: {data_dir}")
     return spec
 

@@ -51,6 +51,13 @@ class NodeSpec:
     def log_file(self) -> Path:
         return self.path / "node.log"
 
+    @property
+    def removed(self) -> str | None:
+        """Why this node was removed from the cluster for good (None: it was not)."""
+        from dlog.broker.identity import removed_reason
+
+        return removed_reason(self.path)
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterSpec:
@@ -58,6 +65,11 @@ class ClusterSpec:
     base_port: int
     host: str
     nodes: tuple[NodeSpec, ...]
+
+    @property
+    def live_nodes(self) -> list[NodeSpec]:
+        """The nodes not removed from the cluster (``dlogctl node remove``)."""
+        return [n for n in self.nodes if n.removed is None]
 
     @classmethod
     def create(cls, data_dir: Path, nodes: int, base_port: int, host: str) -> ClusterSpec:
@@ -310,7 +322,7 @@ def start_cluster(
     if spec is None:
         spec = ClusterSpec.create(data_dir, nodes, base_port or free_base_port(), "127.0.0.1")
         spec.save()
-    for node in spec.nodes:
+    for node in spec.live_nodes:
         if node_pid(node) is None:
             start_node(spec, node)
     wait_ready(spec, timeout_s=timeout_s)
@@ -318,7 +330,7 @@ def start_cluster(
 
 
 def wait_ready(spec: ClusterSpec, *, timeout_s: float = 60, ids: set[int] | None = None) -> None:
-    want = ids if ids is not None else {n.id for n in spec.nodes}
+    want = ids if ids is not None else {n.id for n in spec.live_nodes}
     deadline = time.monotonic() + timeout_s
     state = ""
     while time.monotonic() < deadline:

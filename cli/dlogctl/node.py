@@ -89,6 +89,11 @@ def node_run(
         config = BrokerConfig.load(flags, config_file=config_file)
     except DlogError as exc:
         fail(exc.message)
+    from dlog.broker.identity import removed_reason
+
+    reason = removed_reason(Path(config.data_dir))
+    if reason is not None:
+        fail(f"{reason} ({config.data_dir})")
     setup_logging(config.node_id, config.log_level)
     if run(_serve, config):
         fail(

@@ -1,4 +1,5 @@
-"""A node's data directory: its identity file, its lock, the ports it bound.
+"""A node's data directory: its identity file, its lock, the ports it bound, and the
+mark of a node removed from the cluster for good.
 
 ``meta.json`` holds ``cluster_id``, ``node_id`` and a random ``directory_id``, written
 once when the directory is formatted. A directory formatted for another node id or
@@ -21,6 +22,21 @@ from dlog.errors import InconsistentClusterIdError, InvalidConfigError, StorageE
 META_FILE = "meta.json"
 PORTS_FILE = "ports.json"
 LOCK_FILE = ".lock"
+#: Written when the controller refuses the node because it was removed for good: the
+#: directory can never rejoin, and tools can tell so without starting the node.
+REMOVED_FILE = "removed"
+
+
+def mark_removed(data_dir: Path, reason: str) -> None:
+    (data_dir / REMOVED_FILE).write_text(reason + "\n")
+
+
+def removed_reason(data_dir: Path) -> str | None:
+    """Why the node of ``data_dir`` was removed from its cluster, or None if it was not."""
+    try:
+        return (data_dir / REMOVED_FILE).read_text().strip() or "removed from the cluster"
+    except FileNotFoundError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from dlog.broker.identity import (
     NodeIdentity,
     format_directory,
     load_identity,
+    mark_removed,
     new_cluster_id,
     write_json_atomically,
 )
@@ -460,6 +461,10 @@ class Broker:
                 # can do will bring it back, so it leaves rather than linger half-joined.
                 log.error("%s; stopping", exc.message)
                 self.removed = True
+                try:  # so that tools need not start it to learn this (cluster up skips it)
+                    mark_removed(Path(self.config.data_dir), exc.message)
+                except OSError:
+                    log.exception("could not mark %s as removed", self.config.data_dir)
                 if self._gossip is not None:
                     await self._gossip.leave(timeout_s=0.5)
                 if self._cancel_scope is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from dlog.broker.identity import removed_reason
 from dlog.errors import (
     BrokerIdNotRegisteredError,
     ErrorCode,
@@ -296,6 +297,7 @@ async def test_fourth_node_is_a_learner_and_node_remove_takes_a_node_out(tmp_pat
             removed = cluster.members[learner].broker
             await wait_for(lambda: removed.stopped.is_set())
             assert removed.removed
+            assert "removed" in (removed_reason(Path(removed.config.data_dir)) or "")
             # For good: its directory cannot register again.
             assert removed.identity is not None
             assert removed.addresses is not None
