@@ -587,24 +587,37 @@ class BatchBuilder:
         if self._built:
             raise RuntimeError("BatchBuilder.append_values after build()")
         i = self._count
-        buf = self._buf
         varint = _VARINT
         prefixes = _NULL_KEY_PREFIX
+        no_headers = _NO_HEADERS
+        # The pieces are collected and joined once: one list extend per record is
+        # cheaper than five appends to the growing bytearray.
+        parts: list[Buffer] = []
+        extend = parts.extend
         for value in values:
             n = len(value)
             if n < _FAST_MAX_VALUE and i < _TABLE_SIZE:
                 prefix = prefixes[i]
                 value_len = varint[n]
-                buf += varint[len(prefix) + len(value_len) + n + 1]
-                buf += prefix
-                buf += value_len
-                buf += value
-                buf += _NO_HEADERS
+                extend(
+                    (
+                        varint[len(prefix) + len(value_len) + n + 1],
+                        prefix,
+                        value_len,
+                        value,
+                        no_headers,
+                    )
+                )
                 i += 1
             else:
+                if parts:
+                    self._buf += b"".join(parts)
+                    parts.clear()
                 self._count = i
                 self._append_general(i, value, None, None, None)
                 i += 1
+        if parts:
+            self._buf += b"".join(parts)
         self._count = i
 
     def build(self) -> bytearray:

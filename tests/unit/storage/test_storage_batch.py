@@ -346,3 +346,14 @@ def test_corrupt_gzip_payload() -> None:
     reseal(buf)
     with pytest.raises(CorruptRecordError):
         decode_records(buf)
+
+
+def test_bulk_appends_in_several_calls_match_per_record_appends() -> None:
+    chunks = [[b"a" * 10, b"b" * 20_000, b"c"], [b"d" * 100] * 3, [b"e" * 17_000]]
+    bulk = BatchBuilder(NOW)
+    single = BatchBuilder(NOW)
+    for chunk in chunks:
+        bulk.append_values(chunk)
+        for value in chunk:
+            single.append(value)
+    assert bulk.build() == single.build()
