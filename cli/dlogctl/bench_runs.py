@@ -123,14 +123,20 @@ def _verdict(settings: BenchSettings, target: _Target, read: workloads.ReadBack)
     }
 
 
-async def produce(settings: BenchSettings, progress: Progress | None) -> dict[str, Any]:
-    """N unique values with ``send_many`` at ``acks``, then read back and verified."""
+async def _produce_then_read(
+    settings: BenchSettings,
+    progress: Progress | None,
+    kind: str,
+    acks: str,
+    labels: tuple[str, str],
+) -> tuple[_Target, workloads.Produced, workloads.ReadBack]:
+    """The shared shape of ``produce`` and ``consume``: N unique values with
+    ``send_many`` at ``acks``, then every one read back (and checked by the caller);
+    ``labels`` name the two phases on the progress display."""
     async with open_client(settings.addresses) as client, trio.open_nursery() as nursery:
         nursery.start_soon(_refresh, progress)
-        async with _target(client, settings, "produce") as target:
-            async with client.producer(
-                acks=settings.acks, **workloads.THROUGHPUT_PRODUCER
-            ) as producer:
+        async with _target(client, settings, kind) as target:
+            async with client.producer(acks=acks, **workloads.THROUGHPUT_PRODUCER) as producer:
                 produced = await workloads.produce(
                     producer,
                     target.topic,
@@ -139,7 +145,7 @@ async def produce(settings: BenchSettings, progress: Progress | None) -> dict[st
                     tag=target.tag,
                     chunk=CHUNK,
                     workers=WORKERS,
-                    on_progress=_counter(progress, "producing", settings.records),
+                    on_progress=_counter(progress, labels[0], settings.records),
                 )
             read = await workloads.read_back(
                 client,
@@ -147,9 +153,17 @@ async def produce(settings: BenchSettings, progress: Progress | None) -> dict[st
                 settings.records,
                 start=target.start,
                 tag=target.tag,
-                on_progress=_counter(progress, "verifying", settings.records),
+                on_progress=_counter(progress, labels[1], settings.records),
             )
         nursery.cancel_scope.cancel()
+    return target, produced, read
+
+
+async def produce(settings: BenchSettings, progress: Progress | None) -> dict[str, Any]:
+    """N unique values with ``send_many`` at ``acks``, then read back and verified."""
+    target, produced, read = await _produce_then_read(
+        settings, progress, "produce", settings.acks, ("producing", "verifying")
+    )
     rate = produced.records / produced.seconds
     lat = produced.chunk_latencies_ms
     return {
@@ -169,29 +183,9 @@ async def produce(settings: BenchSettings, progress: Progress | None) -> dict[st
 async def consume(settings: BenchSettings, progress: Progress | None) -> dict[str, Any]:
     """Fill a topic with N unique values (acks=all), then time reading them back with
     ``getmany``, touching every value."""
-    async with open_client(settings.addresses) as client, trio.open_nursery() as nursery:
-        nursery.start_soon(_refresh, progress)
-        async with _target(client, settings, "consume") as target:
-            async with client.producer(acks="all", **workloads.THROUGHPUT_PRODUCER) as producer:
-                filled = await workloads.produce(
-                    producer,
-                    target.topic,
-                    count=settings.records,
-                    size=settings.value_bytes,
-                    tag=target.tag,
-                    chunk=CHUNK,
-                    workers=WORKERS,
-                    on_progress=_counter(progress, "filling", settings.records),
-                )
-            read = await workloads.read_back(
-                client,
-                target.topic,
-                settings.records,
-                start=target.start,
-                tag=target.tag,
-                on_progress=_counter(progress, "consuming", settings.records),
-            )
-        nursery.cancel_scope.cancel()
+    target, filled, read = await _produce_then_read(
+        settings, progress, "consume", "all", ("filling", "consuming")
+    )
     rate = read.records / read.seconds if read.seconds > 0 else math.nan
     return {
         **_common(settings, target, "consume"),
