@@ -78,13 +78,7 @@ async def test_killed_broker_fails_over_to_isr_and_rejoins_as_follower(tmp_path:
             client.producer(acks="all", linger_ms=0) as producer,
             trio.open_nursery() as nursery,
         ):
-            for p in range(6):
-                nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
-            await eventually(
-                lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in range(6)),
-                timeout=30,
-                what="acks flowing on every partition",
-            )
+            await acks.start_senders(nursery, producer, range(6))
 
             killed_at = cluster.kill(victim)
 
@@ -338,13 +332,7 @@ async def test_lone_survivor_stops_taking_writes_and_the_cluster_recovers(
             client.producer(acks="all", linger_ms=0) as producer,
             trio.open_nursery() as nursery,
         ):
-            for p in range(3):
-                nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
-            await eventually(
-                lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in range(3)),
-                timeout=30,
-                what="acks flowing on every partition",
-            )
+            await acks.start_senders(nursery, producer, range(3))
             killed_at = trio.current_time()
             for n in cluster.node_ids:
                 if n != survivor:
@@ -484,13 +472,7 @@ async def test_sigterm_moves_leaderships_away_before_the_node_exits(
             client.producer(acks="all", linger_ms=0) as producer,
             trio.open_nursery() as nursery,
         ):
-            for p in range(3):
-                nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
-            await eventually(
-                lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in range(3)),
-                timeout=30,
-                what="acks flowing on every partition",
-            )
+            await acks.start_senders(nursery, producer, range(3))
             stopped_at = trio.current_time()
             pid = cluster.terminate(victim)
             await eventually(

@@ -59,13 +59,7 @@ async def test_paused_follower_is_fenced_and_returns_to_isr(tmp_path: Path) -> N
             client.producer(acks="all", linger_ms=0) as producer,
             trio.open_nursery() as nursery,
         ):
-            for p in range(PARTITIONS):
-                nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
-            await eventually(
-                lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in range(PARTITIONS)),
-                timeout=30,
-                what="acks flowing on every partition",
-            )
+            await acks.start_senders(nursery, producer, range(PARTITIONS))
 
             paused_at = cluster.pause(victim)
 
@@ -171,13 +165,7 @@ async def test_paused_leader_is_replaced_and_producers_follow(
                 client.producer(acks="all", linger_ms=0) as producer,
                 trio.open_nursery() as nursery,
             ):
-                for p in range(3):
-                    nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
-                await eventually(
-                    lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in range(3)),
-                    timeout=30,
-                    what="acks flowing on every partition",
-                )
+                await acks.start_senders(nursery, producer, range(3))
 
                 paused_at = cluster.pause(victim)
 
@@ -259,13 +247,7 @@ async def test_paused_controller_is_replaced_and_steps_down_when_it_resumes(
             client.producer(acks="all", linger_ms=0) as producer,
             trio.open_nursery() as nursery,
         ):
-            for p in steady:
-                nursery.start_soon(acks.send_one_at_a_time, producer, p, f"p{p}")
-            await eventually(
-                lambda: all(len(acks.acks.get(f"p{p}", ())) >= 20 for p in steady),
-                timeout=30,
-                what="acks flowing",
-            )
+            await acks.start_senders(nursery, producer, steady)
 
             paused_at = cluster.pause(old)
 

@@ -5,6 +5,7 @@ every acknowledged value consumed, in acknowledged order, and identical replica 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,25 @@ class AckLog:
                         best = a
                     break
         return best
+
+    async def start_senders(
+        self,
+        nursery: trio.Nursery,
+        producer: dlog.Producer,
+        partitions: Iterable[int],
+        *,
+        warm: int = 20,
+    ) -> None:
+        """Start one :meth:`send_one_at_a_time` sender per partition (named ``p<N>``) and
+        return once each has ``warm`` acknowledgements."""
+        parts = list(partitions)
+        for p in parts:
+            nursery.start_soon(self.send_one_at_a_time, producer, p, f"p{p}")
+        await eventually(
+            lambda: all(len(self.acks.get(f"p{p}", ())) >= warm for p in parts),
+            timeout=30,
+            what="acks flowing on every partition",
+        )
 
     async def send_one_at_a_time(self, producer: dlog.Producer, partition: int, name: str) -> None:
         """Send unique values to ``partition``, each after the previous one's ack."""
