@@ -254,7 +254,7 @@ async def test_calls_started_while_one_reads_itself_get_their_answers() -> None:
 
 async def test_a_call_awaited_twice_survives_one_waiter_giving_up() -> None:
     async with tcp_connection() as (_, _, conn):
-        call = await conn.start_call(WaitRequest(gate="never"), timeout=0.3)
+        call = await conn.start_call(WaitRequest(gate="never"), timeout=1)
         outcome: list[str] = []
 
         async def waiter() -> None:
@@ -264,8 +264,15 @@ async def test_a_call_awaited_twice_survives_one_waiter_giving_up() -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(waiter)
-            with trio.move_on_after(0.05):
-                await call.result()  # the second waiter gives up early
+            with trio.CancelScope() as giving_up:
+
+                async def give_up() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    giving_up.cancel()  # the second waiter gives up while both wait
+
+                nursery.start_soon(give_up)
+                await call.result()
+            assert giving_up.cancelled_caught
         assert outcome == ["timed out"]
         assert conn.in_flight == 0
 
