@@ -332,4 +332,8 @@ async def test_admin_calls_get_past_a_hung_broker(tmp_path: Path) -> None:
             # The other two answer at once; generous slack, far below the 30 s.
             with trio.fail_after(5):
                 await client.create_topic("admin", partitions=1, replication_factor=2)
+                # A new topic reaches the brokers' metadata a moment after the controller
+                # commits it (create_topic's documented contract): wait for it, past the
+                # hung broker too, before listing.
+                await client.wait_for_topic("admin")
                 assert "admin" in {t.name for t in await client.list_topics()}
