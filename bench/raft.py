@@ -301,6 +301,8 @@ def main() -> int:
             if "error" in lat:
                 raise RuntimeError(lat["error"])
             latencies = lat["latencies_ms"]
+            if os.environ.get("DLOG_BENCH_LATENCIES"):
+                Path(os.environ["DLOG_BENCH_LATENCIES"]).write_text(json.dumps(latencies))
             # Verify: all nodes applied the same entries (count and checksum).
             expected = leader.ask(cmd="digest")
             deadline = time.monotonic() + 30
@@ -331,7 +333,9 @@ def main() -> int:
         *((f"CPU per entry, {who}", f"{us:.1f} us") for who, us in cpu_us.items()),
         ("latency proposals", str(len(latencies))),
         ("commit latency p50", f"{p50:.3f} ms"),
+        ("commit latency p90", f"{percentile(latencies, 90):.3f} ms"),
         ("commit latency p99", f"{p99:.3f} ms"),
+        ("commit latency max", f"{max(latencies):.3f} ms"),
         ("verified", f"{expected['count']} entries, crc {expected['crc']:#010x} on all nodes"),
     ]
     width = max(len(k) for k, _ in rows)
