@@ -394,6 +394,8 @@ _VARINT: Final[tuple[bytes, ...]] = tuple(_encode_varint(i) for i in range(_TABL
 _NULL_KEY_PREFIX: Final[tuple[bytes, ...]] = tuple(
     b"\x00\x00" + _VARINT[i] + b"\x01" for i in range(_TABLE_SIZE)
 )
+#: Offset deltas [lo, hi) whose varint is ``width`` bytes, within the table.
+_OFFSET_DELTA_WIDTHS: Final = ((0, 64, 1), (64, 8192, 2), (8192, _TABLE_SIZE, 3))
 _NULL: Final = b"\x01"  # varint -1
 _NO_HEADERS: Final = b"\x00"  # varint 0
 _ZIGZAG_BYTE: Final[tuple[int, ...]] = tuple((b >> 1) ^ -(b & 1) for b in range(0x80))
@@ -587,6 +589,13 @@ class BatchBuilder:
         if self._built:
             raise RuntimeError("BatchBuilder.append_values after build()")
         i = self._count
+        if isinstance(values, list | tuple) and values:
+            lengths = set(map(len, values))
+            if len(lengths) == 1:
+                n = lengths.pop()
+                if n < _FAST_MAX_VALUE and i + len(values) <= _TABLE_SIZE:
+                    self._append_same_length(values, n)
+                    return
         varint = _VARINT
         prefixes = _NULL_KEY_PREFIX
         no_headers = _NO_HEADERS
@@ -619,6 +628,30 @@ class BatchBuilder:
         if parts:
             self._buf += b"".join(parts)
         self._count = i
+
+    def _append_same_length(self, values: Sequence[bytes], n: int) -> None:
+        """:meth:`append_values` for values of one length ``n``, with no Python code run
+        per record: each record is five pieces (its length, the attributes/deltas/null
+        key prefix, the value's length, the value, the headers count), laid out by list
+        repetition and slice assignment and joined once. Only the prefix (the offset
+        delta) varies besides the value, and the record length only with the offset
+        delta's varint width."""
+        i = self._count
+        k = len(values)
+        value_len = _VARINT[n]
+        parts: list[bytes] = []
+        for lo, hi, width in _OFFSET_DELTA_WIDTHS:
+            a = max(i, lo)
+            b = min(i + k, hi)
+            if a < b:
+                # attributes, timestampDelta, offsetDelta, keyLength, valueLength,
+                # value, headers count
+                record_len = _VARINT[3 + width + len(value_len) + n + 1]
+                parts += [record_len, b"", value_len, b"", _NO_HEADERS] * (b - a)
+        parts[1::5] = _NULL_KEY_PREFIX[i : i + k]
+        parts[3::5] = values
+        self._buf += b"".join(parts)
+        self._count = i + k
 
     def build(self) -> bytearray:
         """Finish the batch: header, compression, CRC. baseOffset 0, epoch -1."""

@@ -7,7 +7,7 @@ import zlib
 
 import crc32c
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlog.errors import (
@@ -166,6 +166,28 @@ def test_bulk_and_per_record_builders_agree(values: list[bytes]) -> None:
     bulk.append_values(values)
     single = BatchBuilder(NOW)
     for value in values:
+        single.append(value)
+    assert bulk.build() == single.build()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    before=st.integers(0, 8300),
+    count=st.integers(1, 300),
+    size=st.sampled_from([0, 1, 63, 64, 100, 8190, 8191, 16_300]),
+)
+def test_same_length_bulk_path_matches_per_record_appends(
+    before: int, count: int, size: int
+) -> None:
+    # Values of one length take their own path; offset deltas cross the 1-, 2- and
+    # 3-byte varint widths depending on how many records the batch already holds.
+    filler = [b"f"] * before
+    values = [i.to_bytes(4, "big") * (size // 4) + b"v" * (size % 4) for i in range(count)]
+    bulk = BatchBuilder(NOW)
+    single = BatchBuilder(NOW)
+    bulk.append_values(iter(filler))
+    bulk.append_values(values)
+    for value in filler + values:
         single.append(value)
     assert bulk.build() == single.build()
 
