@@ -42,6 +42,7 @@ import enum
 import struct
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
 from typing import Final, NamedTuple
 
 import crc32c
@@ -401,6 +402,49 @@ _NO_HEADERS: Final = b"\x00"  # varint 0
 _ZIGZAG_BYTE: Final[tuple[int, ...]] = tuple((b >> 1) ^ -(b & 1) for b in range(0x80))
 
 
+# "Uniform" records: no key, no headers, the batch's timestamp, values of one length n
+# (what send_many of fixed-size values makes). Record i is then
+#   length | 00 (attributes) | 00 (timestampDelta) | i | 01 (null key) | n | value | 00
+# and only i's varint width changes the layout, so both the builder and the decoder
+# handle such records with no Python code per record.
+
+
+#: Byte k of each offset delta's varint (0 past its end): column k of uniform records.
+_OFFSET_DELTA_BYTES: Final[tuple[bytes, ...]] = tuple(
+    bytes(v[k] if k < len(v) else 0 for v in _VARINT[:_TABLE_SIZE]) for k in range(3)
+)
+
+
+def _uniform_ranges(first: int, count: int, n: int) -> list[tuple[int, int, bytes, int, int]]:
+    """For records ``first .. first+count-1`` with ``n``-byte values, per offset-delta
+    width: (lo, hi, the encoded record length, the record's size in bytes, where its
+    value starts in it). Needs first + count <= _TABLE_SIZE and n < _FAST_MAX_VALUE."""
+    value_len = len(_VARINT[n])
+    out = []
+    for lo, hi, width in _OFFSET_DELTA_WIDTHS:
+        a = max(first, lo)
+        b = min(first + count, hi)
+        if a < b:
+            body = 3 + width + value_len + n + 1
+            record_len = _VARINT[body]
+            out.append(
+                (a, b, record_len, len(record_len) + body, len(record_len) + 3 + width + value_len)
+            )
+    return out
+
+
+def _join_uniform(first: int, values: Sequence[Buffer], n: int) -> bytes:
+    """The encoding of uniform records ``first ..`` holding ``values`` (all ``n`` bytes):
+    five pieces a record laid out by list repetition and slice assignment, one join."""
+    value_len = _VARINT[n]
+    parts: list[Buffer] = []
+    for a, b, record_len, _, _ in _uniform_ranges(first, len(values), n):
+        parts += [record_len, b"", value_len, b"", _NO_HEADERS] * (b - a)
+    parts[1::5] = _NULL_KEY_PREFIX[first : first + len(values)]
+    parts[3::5] = values
+    return b"".join(parts)
+
+
 def encode_varint(n: int) -> bytes:
     """Zigzag varint encoding as Kafka's records use it (exposed for tests and tools)."""
     if 0 <= n < _TABLE_SIZE:
@@ -638,19 +682,7 @@ class BatchBuilder:
         delta's varint width."""
         i = self._count
         k = len(values)
-        value_len = _VARINT[n]
-        parts: list[bytes] = []
-        for lo, hi, width in _OFFSET_DELTA_WIDTHS:
-            a = max(i, lo)
-            b = min(i + k, hi)
-            if a < b:
-                # attributes, timestampDelta, offsetDelta, keyLength, valueLength,
-                # value, headers count
-                record_len = _VARINT[3 + width + len(value_len) + n + 1]
-                parts += [record_len, b"", value_len, b"", _NO_HEADERS] * (b - a)
-        parts[1::5] = _NULL_KEY_PREFIX[i : i + k]
-        parts[3::5] = values
-        self._buf += b"".join(parts)
+        self._buf += _join_uniform(i, values, n)
         self._count = i + k
 
     def build(self) -> bytearray:
@@ -765,6 +797,72 @@ def _decode_headers(data: bytes, pos: int, count: int) -> tuple[tuple[Header, ..
     return tuple(out), pos
 
 
+#: Batches with fewer records are decoded record by record (the check costs more).
+_UNIFORM_MIN_RECORDS: Final = 16
+
+
+def _decode_uniform(out: list[Record], data: bytes, header: BatchHeader, min_offset: int) -> bool:
+    """Decode a batch of uniform records (see :func:`_join_uniform`) without parsing
+    record by record; False, with nothing appended, for any other batch.
+
+    The value length is read from the first record, which fixes every record's size
+    and layout. The batch is accepted only if its length is exactly that layout's and
+    every byte outside the values is what the layout says (checked a column at a time
+    with strided slices); then the values are sliced out.
+    """
+    count = header.record_count
+    if count < _UNIFORM_MIN_RECORDS or count > _TABLE_SIZE or len(data) < 8:
+        return False
+    # The first record: length, attributes 0, timestampDelta 0, offsetDelta 0, null key.
+    pos = 1 if data[0] < 0x80 else 2 if data[1] < 0x80 else 3
+    if data[pos : pos + 4] != b"\x00\x00\x00\x01":
+        return False
+    try:
+        n = _read_varint(data, pos + 4)[0]
+    except IndexError:
+        return False
+    if not 0 <= n < _FAST_MAX_VALUE:
+        return False
+    ranges = _uniform_ranges(0, count, n)
+    if sum((b - a) * size for a, b, _, size, _ in ranges) != len(data):
+        return False
+    value_len = _VARINT[n]
+    values: list[bytes] = []
+    start = 0
+    for a, b, record_len, size, value_at in ranges:
+        records = b - a
+        end = start + records * size
+        width = value_at - len(record_len) - 3 - len(value_len)
+        # Byte columns: (position in the record, what each record must have there).
+        head = record_len + b"\x00\x00"
+        columns = [(j, bytes((c,)) * records) for j, c in enumerate(head)]
+        columns += [(len(head) + k, _OFFSET_DELTA_BYTES[k][a:b]) for k in range(width)]
+        columns += [
+            (len(head) + width + j, bytes((c,)) * records)
+            for j, c in enumerate(b"\x01" + value_len)
+        ]
+        columns.append((size - 1, b"\x00" * records))  # headers count
+        for j, expected in columns:
+            if data[start + j : end : size] != expected:
+                return False
+        values += [data[p : p + n] for p in range(start + value_at, end, size)]
+        start = end
+    base = header.base_offset
+    skip = max(0, min_offset - base)
+    out += map(
+        _new_record,
+        repeat(Record),
+        zip(
+            range(base + skip, base + count),
+            repeat(header.base_timestamp),
+            repeat(None),
+            values[skip:] if skip else values,
+            repeat(()),
+        ),
+    )
+    return True
+
+
 def _decode_into(out: list[Record], data: bytes, header: BatchHeader, min_offset: int) -> None:
     """Append the batch's records at or above ``min_offset`` to ``out``.
 
@@ -866,6 +964,8 @@ def decode_records(buf: Buffer, *, min_offset: int = 0, verify_crc: bool = True)
         if header.last_offset < min_offset or header.is_control:
             continue
         data = records_section(buf, header)
+        if _decode_uniform(out, data, header, min_offset):
+            continue
         try:
             _decode_into(out, data, header, min_offset)
         except (IndexError, UnicodeDecodeError):

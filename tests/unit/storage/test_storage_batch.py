@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from unittest import mock
 
 import crc32c
 import pytest
@@ -17,6 +18,7 @@ from dlog.errors import (
     MessageTooLargeError,
     UnsupportedCompressionTypeError,
 )
+from dlog.storage import batch as batch_module
 from dlog.storage.batch import (
     ATTRIBUTES_POS,
     CRC_POS,
@@ -379,3 +381,73 @@ def test_bulk_appends_in_several_calls_match_per_record_appends() -> None:
         for value in chunk:
             single.append(value)
     assert bulk.build() == single.build()
+
+
+# -- uniform batches: one value length, no keys, no headers ----------------------------------
+
+
+def decode_record_by_record(buf: bytes, min_offset: int = 0) -> list[Record] | str:
+    """decode_records with the uniform-batch shortcut switched off (or the error's name)."""
+    with mock.patch.object(batch_module, "_decode_uniform", return_value=False):
+        try:
+            return decode_records(buf, min_offset=min_offset)
+        except CorruptRecordError:
+            return "CorruptRecordError"
+
+
+def decode_or_error(buf: bytes, min_offset: int = 0) -> list[Record] | str:
+    try:
+        return decode_records(buf, min_offset=min_offset)
+    except CorruptRecordError:
+        return "CorruptRecordError"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(1, 9000),
+    size=st.sampled_from([0, 1, 63, 64, 100, 8191, 16_300]),
+    skip=st.integers(0, 9001),
+)
+def test_uniform_batches_decode_like_any_other(count: int, size: int, skip: int) -> None:
+    values = [i.to_bytes(4, "big") * (size // 4) + b"v" * (size % 4) for i in range(count)]
+    builder = BatchBuilder(NOW)
+    builder.append_values(values)
+    buf = bytes(builder.build())
+    header = next(iter_batch_headers(buf))
+    shortcut: list[Record] = []
+    taken = batch_module._decode_uniform(
+        shortcut, batch_module.records_section(buf, header), header, 0
+    )
+    assert taken == (count >= batch_module._UNIFORM_MIN_RECORDS)
+    assert decode_records(buf, min_offset=skip) == decode_record_by_record(buf, skip)
+    assert [r.value for r in decode_records(buf)] == values
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    count=st.sampled_from([16, 17, 100, 300]),
+    size=st.sampled_from([0, 3, 100, 130]),
+    edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=3),
+    resize=st.sampled_from([None, "insert", "delete"]),
+)
+def test_a_damaged_uniform_batch_decodes_exactly_as_record_by_record(
+    count: int, size: int, edits: list[tuple[int, int]], resize: str | None
+) -> None:
+    # A batch that is almost uniform (a byte changed, added or removed, CRC recomputed
+    # as a buggy or hostile producer would) must not be misread by the shortcut: it
+    # gives the same records, or the same error, as parsing record by record.
+    builder = BatchBuilder(NOW)
+    builder.append_values([bytes([i % 251]) * size for i in range(count)])
+    buf = builder.build()
+    body = len(buf) - HEADER_SIZE
+    for where, byte in edits:
+        buf[HEADER_SIZE + where % body] = byte
+    if resize is not None:
+        where = HEADER_SIZE + edits[0][0] % body
+        if resize == "insert":
+            buf[where:where] = b"\x00"
+        else:
+            del buf[where]
+        struct.pack_into(">i", buf, 8, len(buf) - 12)
+    reseal(buf)
+    assert decode_or_error(bytes(buf)) == decode_record_by_record(bytes(buf))
