@@ -17,8 +17,8 @@ from typing import TypeVar
 import trio
 
 from dlog.client.metadata import ClusterView, MetadataCache
-from dlog.errors import DlogError
-from dlog.net.client import RpcPool
+from dlog.errors import DlogError, ProtocolError
+from dlog.net.client import PendingCall, RpcPool
 from dlog.net.messages import Message
 
 _R = TypeVar("_R", bound=Message)
@@ -45,36 +45,39 @@ async def call_unless(
     ``expected_s``: how long the answer may legitimately take (a long poll's wait);
     overdue means later than that plus :data:`OVERDUE_S`.
     """
-    failure: DlogError | None = None
-    result: _R | None = None
+    now = trio.current_time()
+    overdue_at = now + expected_s + OVERDUE_S
+    call: PendingCall | None = None
+    answered = False
+    # No task per call: the metadata listener cancels this scope, and the wait for
+    # the answer is cut into slices so that an overdue answer refreshes the metadata.
     with trio.CancelScope() as scope:
 
         def check(view: ClusterView) -> None:
             if pointless(view):
                 scope.cancel()
 
-        async def refresh_while_overdue() -> None:
-            await trio.sleep(expected_s + OVERDUE_S)
-            while True:
-                metadata.request_refresh()
-                await trio.sleep(1.0)
-
         metadata.add_listener(check)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(refresh_while_overdue)
-                try:
-                    result = await pool.call_typed(address, request, response_type, timeout=timeout)
-                except DlogError as exc:
-                    failure = exc  # raised below, outside the nursery: not wrapped
-                nursery.cancel_scope.cancel()
+            call = await pool.start_call(address, request, timeout=timeout)
+            while not call.done:
+                with trio.move_on_at(overdue_at):
+                    await call.wait()
+                if not call.done:
+                    metadata.request_refresh()
+                    overdue_at = trio.current_time() + 1.0
         finally:
             metadata.remove_listener(check)
-    if failure is not None:
-        raise failure
-    if result is None:
+            if call is not None:
+                answered = call.done
+                if not answered:
+                    call.forget()  # abandoned (or cancelled from outside): drop a late answer
+    if call is None or not answered:
         raise abandoned()
-    return result
+    response = await call.result()  # finished: returns (or raises) without waiting
+    if not isinstance(response, response_type):
+        raise ProtocolError(f"expected {response_type.__name__}, got {type(response).__name__}")
+    return response
 
 
 def led_elsewhere(partitions: list[tuple[str, int]], node: int) -> Callable[[ClusterView], bool]:

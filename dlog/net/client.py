@@ -128,25 +128,20 @@ class PendingCall:
 
     async def result(self) -> Message:
         """Wait for the response; raises the server's error, NetworkError or
-        RequestTimedOutError.
+        RequestTimedOutError. Cancelling the last waiter forgets the call (a late
+        answer is dropped).
 
         When the response is already there this returns without a checkpoint, so a
         loop that drains finished calls and starts new ones does so in one scheduling
         step and its requests leave in one write.
         """
         if not self._done:
-            conn = self._conn
             self._waiters += 1
             try:
-                if conn._fd is not None and conn._direct_call is None and len(conn._pending) == 1:
-                    await conn._read_for(self)
-                if not self._done:
-                    if self._event is None:
-                        self._event = trio.Event()
-                    await self._event.wait()
+                await self._wait_done()
             except BaseException:
                 if self._waiters == 1:  # the last one waiting gives up on the answer
-                    conn._forget(self)
+                    self._conn._forget(self)
                 raise
             finally:
                 self._waiters -= 1
@@ -154,6 +149,27 @@ class PendingCall:
             raise self._error
         assert self._response is not None
         return self._response
+
+    async def wait(self) -> None:
+        """Wait until the call is finished (answered, failed or timed out), then read
+        it with :meth:`result`. Unlike ``result``, cancelling this wait leaves the call
+        in flight, so a caller can wait in slices (doing something between them) and
+        must :meth:`forget` the call itself if it gives up."""
+        if not self._done:
+            self._waiters += 1
+            try:
+                await self._wait_done()
+            finally:
+                self._waiters -= 1
+
+    async def _wait_done(self) -> None:
+        conn = self._conn
+        if conn._fd is not None and conn._direct_call is None and len(conn._pending) == 1:
+            await conn._read_for(self)
+        if not self._done:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
 
     def forget(self) -> None:
         """Drop interest in the response; a late one is discarded (and ``result()``
@@ -548,11 +564,18 @@ class RpcPool:
         ``connect_timeout_s``. Raises the server's error, NetworkError or
         RequestTimedOutError.
         """
+        call = await self.start_call(address, request, timeout=timeout)
+        return await call.result()
+
+    async def start_call(
+        self, address: str, request: Message, *, timeout: float | None = None
+    ) -> PendingCall:
+        """Send ``request`` to ``address`` (connecting if needed) and return at once;
+        ``timeout`` as for :meth:`call`, counted from now."""
         limit = self.config.request_timeout_s if timeout is None else timeout
         deadline = trio.current_time() + limit
         conn = await self.connection(address, deadline=deadline)
-        call = await conn.start_call(request, timeout=max(0.0, deadline - trio.current_time()))
-        return await call.result()
+        return await conn.start_call(request, timeout=max(0.0, deadline - trio.current_time()))
 
     async def call_typed(
         self,

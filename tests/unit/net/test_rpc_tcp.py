@@ -16,7 +16,7 @@ from dlog.net.client import ClientConfig, RpcConnection, open_rpc_pool
 from dlog.net.framing import encode_frame, encode_header
 from dlog.net.messages import EchoRequest, EchoResponse, payload_bytes
 from dlog.net.server import RpcServer, ServerConfig
-from tests.unit.net.rpc_fixtures import Gates, WaitRequest, make_server
+from tests.unit.net.rpc_fixtures import Gates, WaitRequest, WaitResponse, make_server
 from tests.unit.net.test_rpc_memory import read_frames
 
 
@@ -283,6 +283,26 @@ async def test_result_of_a_forgotten_call_raises_at_once() -> None:
         call.forget()
         with trio.fail_after(5), pytest.raises(RequestTimedOutError, match="forgotten"):
             await call.result()
+        assert conn.in_flight == 0
+
+
+async def test_a_wait_cut_short_leaves_the_call_in_flight() -> None:
+    # wait() in slices (how a caller does something while an answer is late): a
+    # cancelled wait neither forgets the call nor loses its answer.
+    async with tcp_connection() as (gates, _, conn):
+        call = await conn.start_call(WaitRequest(gate="late"))
+        for _ in range(3):
+            with trio.move_on_after(0.05) as scope:
+                await call.wait()
+            assert scope.cancelled_caught
+            assert not call.done
+            assert conn.in_flight == 1
+        gates.open("late")
+        with trio.fail_after(5):
+            await call.wait()
+        assert call.done
+        response = await call.result()
+        assert isinstance(response, WaitResponse) and response.gate == "late"
         assert conn.in_flight == 0
 
 
