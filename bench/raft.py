@@ -246,6 +246,22 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
+def caught_up(children: list[Child], leader: Child, timeout: float = 30.0) -> dict[str, Any]:
+    """Wait until every node applied as many entries as the leader; check they are the
+    same entries (count and CRC). Returns the leader's digest."""
+    expected = leader.ask(cmd="digest")
+    deadline = time.monotonic() + timeout
+    for c in children:
+        while True:
+            d = c.ask(cmd="digest")
+            if d["count"] == expected["count"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if (d["count"], d["crc"]) != (expected["count"], expected["crc"]):
+            raise RuntimeError(f"node {c.node} applied {d}, leader {expected}")
+    return expected
+
+
 def wait_for_leader(children: list[Child], timeout: float = 15.0) -> Child:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -297,6 +313,9 @@ def main() -> int:
             }
             if tp.get("errors"):
                 raise RuntimeError(f"{tp['errors']} proposals failed during the throughput run")
+            # Low load means low load: let the followers finish applying the
+            # throughput run's backlog before timing single proposals.
+            caught_up(children, leader)
             lat = leader.ask(cmd="latency", count=args.latency_count, size=args.size)
             if "error" in lat:
                 raise RuntimeError(lat["error"])
@@ -304,16 +323,7 @@ def main() -> int:
             if os.environ.get("DLOG_BENCH_LATENCIES"):
                 Path(os.environ["DLOG_BENCH_LATENCIES"]).write_text(json.dumps(latencies))
             # Verify: all nodes applied the same entries (count and checksum).
-            expected = leader.ask(cmd="digest")
-            deadline = time.monotonic() + 30
-            for c in children:
-                while True:
-                    d = c.ask(cmd="digest")
-                    if d["count"] == expected["count"] or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
-                if (d["count"], d["crc"]) != (expected["count"], expected["crc"]):
-                    raise RuntimeError(f"node {c.node} applied {d}, leader {expected}")
+            expected = caught_up(children, leader)
         finally:
             for c in children:
                 c.stop()

@@ -261,3 +261,53 @@ async def test_the_wal_is_preallocated_and_its_zero_tail_is_not_corruption(
         await again.save(hard_state=None, entries=entries(2, start=4))
     with open_store(tmp_path) as third:
         assert [e.term for e in third.all_entries()] == [1, 1, 1, 2]
+
+
+async def test_fsyncs_leave_the_event_loop_once_the_device_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fast fsyncs run inline; one slow fsync sends them to a worker thread until
+    FAST_FSYNCS_TO_RETURN fast ones in a row. The device's speed is simulated: a fake
+    fdatasync advances the clock the storage times it with."""
+    from dlog.raft import disk
+
+    now = [0.0]
+    cost = [0.0001]
+    threads: list[str] = []
+    real_fdatasync = os.fdatasync
+
+    def fake_fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        threads.append("loop" if trio.lowlevel.in_trio_run() else "worker")
+        now[0] += cost[0]
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return now[0]
+
+    monkeypatch.setattr(disk.os, "fdatasync", fake_fdatasync)
+    monkeypatch.setattr(disk, "time", FakeTime)
+    s = open_store(tmp_path)
+    index = 0
+
+    async def save_one() -> None:
+        nonlocal index
+        index += 1
+        await s.save(hard_state=HardState(term=1), entries=entries(1, start=index))
+
+    await save_one()  # the first write reserves WAL space: done in a worker thread
+    threads.clear()
+    for _ in range(3):
+        await save_one()
+    assert threads == ["loop"] * 3
+    cost[0] = 0.05  # the device slows down: this fsync still ran inline...
+    await save_one()
+    cost[0] = 0.0001  # ...but the next ones go to a thread until enough were fast
+    for _ in range(disk.FAST_FSYNCS_TO_RETURN):
+        await save_one()
+    assert threads[3:] == ["loop"] + ["worker"] * disk.FAST_FSYNCS_TO_RETURN
+    await save_one()
+    assert threads[-1] == "loop"
+    assert s.fsyncs == len(threads) + 1
+    s.close()
