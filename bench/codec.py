@@ -1,8 +1,8 @@
 """Record-batch codec speed: the per-record work clients do.
 
 Builds batches of 1000 records x 100-byte distinct values (per-record ``append``,
-the bulk ``append_values``, keyed records, records with a header and timestamp,
-gzip), decodes them back (checking every value arrives), and times the
+the bulk ``append_values``, the same with 90-110-byte values, keyed records, records
+with a header and timestamp, gzip), decodes them back (checking every value arrives), and times the
 broker-side validation (header checks and CRC, no record decoding). Each figure is
 the best of five rounds, since a busy machine only makes things slower.
 Prints a table, then one JSON line (the last line).
@@ -55,10 +55,16 @@ def main() -> None:
         [(n * RECORDS + i).to_bytes(8, "big") + pool[i : i + 92] for i in range(RECORDS)]
         for n in range(16)
     ]
+    # The same values cut to 90-110 bytes: a batch whose records differ in length
+    # takes the record-by-record paths (one length takes the uniform-batch ones).
+    mixed_sets = [[v[: 90 + i % 21] for i, v in enumerate(vs)] for vs in value_sets]
     counter = iter(range(1 << 62))
 
     def values() -> list[bytes]:
         return value_sets[next(counter) % 16]
+
+    def mixed_values() -> list[bytes]:
+        return mixed_sets[next(counter) % 16]
 
     def per_record() -> bytearray:
         builder = BatchBuilder(NOW)
@@ -70,6 +76,11 @@ def main() -> None:
     def bulk(compression: Compression = Compression.NONE) -> bytearray:
         builder = BatchBuilder(NOW, compression=compression)
         builder.append_values(values())
+        return builder.build()
+
+    def bulk_mixed() -> bytearray:
+        builder = BatchBuilder(NOW)
+        builder.append_values(mixed_values())
         return builder.build()
 
     def keyed() -> bytearray:
@@ -90,6 +101,7 @@ def main() -> None:
     builds = {
         "build append()": per_record,
         "build append_values()": bulk,
+        "build append_values() 90-110 B": bulk_mixed,
         "build keyed": keyed,
         "build key+header+timestamp": full,
         "build append_values() gzip": lambda: bulk(Compression.GZIP),
@@ -99,6 +111,7 @@ def main() -> None:
         results[name] = RECORDS * rate(build, args.seconds)
     samples = {
         "decode": bulk(),
+        "decode 90-110 B": bulk_mixed(),
         "decode keyed+header": full(),
         "decode gzip": bulk(Compression.GZIP),
     }
@@ -127,10 +140,12 @@ def main() -> None:
     summary = {
         "build_records_s": round(results["build append()"]),
         "build_bulk_records_s": round(results["build append_values()"]),
+        "build_bulk_mixed_records_s": round(results["build append_values() 90-110 B"]),
         "build_keyed_records_s": round(results["build keyed"]),
         "build_full_records_s": round(results["build key+header+timestamp"]),
         "build_gzip_records_s": round(results["build append_values() gzip"]),
         "decode_records_s": round(results["decode"]),
+        "decode_mixed_records_s": round(results["decode 90-110 B"]),
         "decode_full_records_s": round(results["decode keyed+header"]),
         "decode_gzip_records_s": round(results["decode gzip"]),
         "validate_batches_s": round(validations),
