@@ -328,6 +328,13 @@ class GossipCore:
         return self._now
 
     @property
+    def next_due(self) -> int:
+        """The tick at which a timer is next due. Ticks before it do nothing but count,
+        so a driver may sleep until then (and tick the skipped ticks on waking);
+        anything handed to the core meanwhile may move it earlier."""
+        return self._next_due
+
+    @property
     def health_score(self) -> int:
         """Lifeguard local-health score: 0 is healthy."""
         return self._awareness.score

@@ -127,6 +127,9 @@ class GossipNode:
         self._nursery: trio.Nursery | None = None
         self._pool: RpcPool | None = None
         self._leave_done = trio.Event()
+        self._wait_scope: trio.CancelScope | None = None
+        #: Times the driver loop woke (a datagram, a due timer, a poke): diagnostics.
+        self.loop_wakeups = 0
         self.send_errors = 0
         #: Test hook: while set, every datagram in or out is dropped and no push-pull
         #: starts, as if this node's network were cut.
@@ -183,6 +186,7 @@ class GossipNode:
         if self._core is not None:
             self._core.update_metadata(self._metadata)
             self._flush()
+            self._poke()
 
     async def leave(self, timeout_s: float = 1.0) -> None:
         """Leave gracefully: announce it, wait until it was gossiped (at most
@@ -192,6 +196,7 @@ class GossipNode:
             return
         core.leave()
         self._flush()
+        self._poke()
         with trio.move_on_after(timeout_s):
             await self._leave_done.wait()
         self._nursery.cancel_scope.cancel()
@@ -290,23 +295,37 @@ class GossipNode:
             nursery.cancel_scope.cancel()
 
     async def _loop(self, sock: socket.socket) -> None:
+        """Ticks stay on a fixed grid of ``tick_ms``, but the loop wakes only for a
+        datagram, for the tick at which the core's next timer is due, or when another
+        task handed the core something (:meth:`_poke`): an idle node is not woken 100
+        times a second. Ticks that passed are ticked before a datagram is handed over,
+        so the core's clock is never more than one tick behind."""
         core = self._core
         assert core is not None
         tick_s = self.config.tick_ms / 1000
-        next_tick = trio.current_time() + tick_s
+        next_tick = trio.current_time() + tick_s  # when core.now + 1 is due
         while True:
-            with trio.move_on_at(next_tick):
+            wake_at = next_tick + max(0, core.next_due - core.now - 1) * tick_s
+            with trio.move_on_at(wake_at) as scope:
+                self._wait_scope = scope
                 await trio.lowlevel.wait_readable(sock)
-            self._read(sock, core)
+            self._wait_scope = None
+            self.loop_wakeups += 1
             now = trio.current_time()
             if now >= next_tick:
                 due = math.floor((now - next_tick) / tick_s) + 1
                 for _ in range(min(due, _MAX_CATCH_UP_TICKS)):
                     core.tick()
                 next_tick += due * tick_s
+            self._read(sock, core)
             self._flush()
             if core.has_left and core.leave_complete:
                 self._leave_done.set()
+
+    def _poke(self) -> None:
+        """Wake the loop: the core was handed something that may move its next timer."""
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
 
     def _read(self, sock: socket.socket, core: GossipCore) -> None:
         for _ in range(_MAX_READ_BATCH):
@@ -400,6 +419,7 @@ class GossipNode:
             return
         core.merge_push_pull(payload_bytes(response.payload))
         self._flush()
+        self._poke()
 
     async def _on_push_pull(self, request: GossipPushPullRequest) -> GossipPushPullResponse:
         if self.isolated:
@@ -409,4 +429,5 @@ class GossipNode:
             raise DlogError("gossip is not running")
         core.merge_push_pull(payload_bytes(request.payload))
         self._flush()
+        self._poke()
         return GossipPushPullResponse(payload=core.push_pull_state())

@@ -233,3 +233,25 @@ async def test_subscriber_that_falls_behind_is_dropped() -> None:
             received = [event async for event in slow_events]
             assert len(received) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_node_does_not_wake_every_tick() -> None:
+    # Ticks stay 10 ms apart, but the loop wakes only for datagrams and due timers:
+    # a healthy cluster probes every 200 ms and gossips every 100 ms.
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery)
+        seed = GossipNode(node_id=NodeId(1), host=HOST)
+        seeds = [f"{HOST}:{await runner.start(seed)}"]
+        peer = GossipNode(node_id=NodeId(2), host=HOST, seeds=seeds)
+        await runner.start(peer)
+        await wait_for_view(seed, all_alive({1, 2}), timeout=10)
+        core = seed._core
+        assert core is not None
+        ticks, wakeups = core.now, seed.loop_wakeups
+        await trio.sleep(2)  # not a wait for something: two seconds of an idle cluster
+        ticked = core.now - ticks
+        assert ticked >= 150  # the ticks kept their 10 ms grid
+        woke = seed.loop_wakeups - wakeups
+        assert woke < ticked / 2, f"{woke} wake-ups for {ticked} ticks"
+        assert {m.node_id for m in seed.members() if m.state is MemberState.ALIVE} == {1, 2}
+        nursery.cancel_scope.cancel()
