@@ -150,12 +150,16 @@ class ReplicaManager:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled: applies metadata, runs fetchers and ISR checks."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._metadata_loop)
-            nursery.start_soon(self._isr_shrink_loop)
-            task_status.started()
-        self._nursery = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._metadata_loop)
+                nursery.start_soon(self._isr_shrink_loop)
+                task_status.started()
+        finally:
+            # Cleared on cancellation too: Raft may still apply metadata while the node
+            # shuts down, and must find no (closed) nursery to start tasks in.
+            self._nursery = None
 
     def on_metadata(self, delta: MetadataDelta) -> None:
         """Queue an applied metadata delta (called from the metadata apply path)."""

@@ -338,3 +338,14 @@ async def test_flush_messages_acknowledges_only_fsynced_records(tmp_path: Path) 
         for node in cluster.nodes.values():
             assert node.rm.partitions[("always", 0)].log.recovery_point == 2
             assert node.rm.partitions[("interval", 0)].log.recovery_point == 0
+
+
+async def test_a_stopped_replica_manager_takes_no_new_tasks(tmp_path: Path) -> None:
+    # Raft can still apply metadata while a node shuts down; the broker then asks the
+    # replica manager for tasks (stray-log cleanup). Once its run() has ended, by
+    # cancellation included, there must be no closed nursery left to start them in.
+    async with dataplane_cluster(tmp_path) as cluster:
+        node = cluster.nodes[1]
+        assert node.rm._nursery is not None
+        await cluster.stop(1)
+        assert node.rm._nursery is None
