@@ -193,6 +193,8 @@ def message_to_wire(msg: AnyMessage) -> tuple[list[Any], bytes]:
     match msg:
         case AppendEntries():
             head += [msg.prev_index, msg.prev_term, msg.commit]
+            if not msg.ack:
+                head.append(False)  # absent means True
             payload = encode_entries(msg.entries)
         case AppendResponse():
             head += [msg.index, msg.reject, msg.reject_hint, msg.log_term]
@@ -253,13 +255,16 @@ def message_from_wire(head: Any, payload: bytes | memoryview = b"") -> AnyMessag
     try:
         match tag:
             case 1:
-                prev_index, prev_term, commit = rest
+                prev_index, prev_term, commit, *ack = rest
+                if len(ack) > 1:
+                    raise ProtocolError("append entries: too many fields")
                 return AppendEntries(
                     **common,
                     prev_index=_int(prev_index),
                     prev_term=_int(prev_term),
                     commit=_int(commit),
                     entries=tuple(decode_entries(payload)),
+                    ack=_bool(ack[0]) if ack else True,
                 )
             case 2:
                 index, reject, hint, log_term = rest

@@ -630,7 +630,8 @@ class RaftCore:
                     )
                 self._append(entries[conflict - (m.prev_index + 1) :])
             log.commit_to(min(m.commit, last_new))
-            self._send(AppendResponse(**self._hdr(m.from_id), index=last_new))
+            if m.ack or entries:
+                self._send(AppendResponse(**self._hdr(m.from_id), index=last_new))
             return
         hint_index = min(m.prev_index, log.last_index())
         hint_index, hint_term = log.find_conflict_by_term(hint_index, m.prev_term)
@@ -893,6 +894,12 @@ class RaftCore:
                 prev_term=prev_term,
                 entries=tuple(entries),
                 commit=log.committed,
+                # Only the commit index, to a follower known to have all of our log:
+                # its success answer would say nothing new (half the messages of a
+                # lone proposal).
+                ack=bool(entries)
+                or pr.state is not ProgressState.REPLICATE
+                or pr.match != prev_index,
             )
         )
         pr.sent_entries(len(entries))

@@ -207,6 +207,10 @@ class AppendEntries(Message):
     prev_term: int
     entries: tuple[Entry, ...]
     commit: int
+    #: False: the leader needs no answer if this is accepted. Set on an empty append
+    #: that only carries the commit index to a follower known to match the leader's
+    #: whole log: its answer would tell the leader nothing (a rejection is still sent).
+    ack: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -45,6 +45,7 @@ META = SnapshotMeta(index=9, term=3, config=config_of([1, 2], [3]))
 EXAMPLES = [
     AppendEntries(**H, prev_index=4, prev_term=2, entries=tuple(entries(7, 7, start=5)), commit=3),
     AppendEntries(**H, prev_index=0, prev_term=0, entries=(), commit=0),
+    AppendEntries(**H, prev_index=9, prev_term=2, entries=(), commit=9, ack=False),
     AppendResponse(**H, index=9),
     AppendResponse(**H, index=9, reject=True, reject_hint=5, log_term=2),
     Heartbeat(**H, commit=4, context=b"ctx"),
@@ -95,6 +96,7 @@ def test_hard_state_round_trips() -> None:
         None,
         [],
         [1, "c", 1, 1, "d", 2],  # AppendEntries without its fields
+        [1, "c", 1, 1, "d", 2, 4, 2, 3, False, False],  # AppendEntries with a field too many
         [99, "c", 1, 1, "d", 2],  # unknown tag
         [2, "c", -1, 1, "d", 2, 0, False, 0, 0],  # negative term
         [2, "c", 1, 1, "d", 2, 0, "no", 0, 0],  # bool expected

@@ -115,6 +115,51 @@ def test_a_follower_rejects_entries_whose_predecessor_it_lacks() -> None:
     assert resp.reject_hint == 4
 
 
+def test_an_accepted_append_that_asks_for_no_answer_gets_none() -> None:
+    # A commit-only append to a follower the leader knows is caught up (ack=False):
+    # the follower commits, and answers only if it has to reject.
+    core, st = follower((1, 2, 2), term=2)  # indexes 2..4
+    core.step(
+        AppendEntries(**hdr(1, 2, 2), prev_index=4, prev_term=2, entries=(), commit=4, ack=False)
+    )
+    assert drain(core, st) == []
+    assert core.log.committed == 4
+    core.step(
+        AppendEntries(**hdr(1, 2, 3), prev_index=4, prev_term=3, entries=(), commit=4, ack=False)
+    )
+    (resp,) = drain(core, st)
+    assert isinstance(resp, AppendResponse) and resp.reject
+
+
+def test_only_commit_only_appends_to_caught_up_followers_skip_the_answer() -> None:
+    net = Network.of(3)
+    net.elect(1)
+    net.delivered.clear()
+    net.propose(1, b"x")
+    appends = [m for m in net.delivered if isinstance(m, AppendEntries)]
+    with_entries = [m for m in appends if m.entries]
+    commit_only = [m for m in appends if not m.entries]
+    assert len(with_entries) == 2 and all(m.ack for m in with_entries)
+    # The commit goes out when the first answer makes a majority: the follower that
+    # answered is asked for nothing; the other's answer is still due, so it is asked.
+    assert len(commit_only) == 2
+    assert [m.ack for m in sorted(commit_only, key=lambda m: m.to)] == [False, True]
+    answers = [m for m in net.delivered if isinstance(m, AppendResponse)]
+    assert len(answers) == len(with_entries) + 1
+    assert net.applied_data(2) == net.applied_data(3) == [b"x"]
+    # A follower that has not acknowledged everything is still asked to answer.
+    net.isolate(3)
+    net.propose(1, b"y")
+    pr = net.core(1)._progress[nid(3)]
+    assert pr.match < net.core(1).log.last_index()
+    net.delivered.clear()
+    net.recover()
+    net.tick(1)
+    to_3 = [m for m in net.delivered if isinstance(m, AppendEntries) and m.to == nid(3)]
+    assert to_3 and all(m.ack for m in to_3 if m.entries or m.prev_index > pr.match)
+    assert net.applied_data(3) == [b"x", b"y"]
+
+
 def test_a_follower_deletes_a_conflicting_suffix_and_appends_the_new_entries() -> None:
     # AppendEntries rules 3 and 4.
     core, st = follower((1, 2, 2), term=2)  # indexes 2..4 terms 1,2,2
