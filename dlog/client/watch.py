@@ -45,8 +45,7 @@ async def call_unless(
     ``expected_s``: how long the answer may legitimately take (a long poll's wait);
     overdue means later than that plus :data:`OVERDUE_S`.
     """
-    now = trio.current_time()
-    overdue_at = now + expected_s + OVERDUE_S
+    overdue_at = trio.current_time() + expected_s + OVERDUE_S
     call: PendingCall | None = None
     answered = False
     # No task per call: the metadata listener cancels this scope, and the wait for

@@ -638,7 +638,9 @@ class BatchBuilder:
             if len(lengths) == 1:
                 n = lengths.pop()
                 if n < _FAST_MAX_VALUE and i + len(values) <= _TABLE_SIZE:
-                    self._append_same_length(values, n)
+                    # No Python code per record: see _join_uniform.
+                    self._buf += _join_uniform(i, values, n)
+                    self._count = i + len(values)
                     return
         varint = _VARINT
         prefixes = _NULL_KEY_PREFIX
@@ -672,18 +674,6 @@ class BatchBuilder:
         if parts:
             self._buf += b"".join(parts)
         self._count = i
-
-    def _append_same_length(self, values: Sequence[bytes], n: int) -> None:
-        """:meth:`append_values` for values of one length ``n``, with no Python code run
-        per record: each record is five pieces (its length, the attributes/deltas/null
-        key prefix, the value's length, the value, the headers count), laid out by list
-        repetition and slice assignment and joined once. Only the prefix (the offset
-        delta) varies besides the value, and the record length only with the offset
-        delta's varint width."""
-        i = self._count
-        k = len(values)
-        self._buf += _join_uniform(i, values, n)
-        self._count = i + k
 
     def build(self) -> bytearray:
         """Finish the batch: header, compression, CRC. baseOffset 0, epoch -1."""
