@@ -17,8 +17,8 @@ from typing import TypeVar
 import trio
 
 from dlog.client.metadata import ClusterView, MetadataCache
-from dlog.errors import DlogError, ProtocolError
-from dlog.net.client import PendingCall, RpcPool
+from dlog.errors import DlogError
+from dlog.net.client import PendingCall, RpcPool, expect_response
 from dlog.net.messages import Message
 
 _R = TypeVar("_R", bound=Message)
@@ -73,10 +73,8 @@ async def call_unless(
                     call.forget()  # abandoned (or cancelled from outside): drop a late answer
     if call is None or not answered:
         raise abandoned()
-    response = await call.result()  # finished: returns (or raises) without waiting
-    if not isinstance(response, response_type):
-        raise ProtocolError(f"expected {response_type.__name__}, got {type(response).__name__}")
-    return response
+    # Finished: result() returns (or raises) without waiting.
+    return expect_response(await call.result(), response_type)
 
 
 def led_elsewhere(partitions: list[tuple[str, int]], node: int) -> Callable[[ClusterView], bool]:

@@ -510,6 +510,13 @@ class RpcConnection:
         return await call.result()
 
 
+def expect_response(response: Message, response_type: type[_M]) -> _M:
+    """``response``, checked to be a ``response_type`` (ProtocolError otherwise)."""
+    if not isinstance(response, response_type):
+        raise ProtocolError(f"expected {response_type.__name__}, got {type(response).__name__}")
+    return response
+
+
 class FaultInjector:
     """Test hook on a pool: blocked addresses act as if the network to them were cut."""
 
@@ -586,10 +593,7 @@ class RpcPool:
         timeout: float | None = None,
     ) -> _M:
         """:meth:`call`, checking that the response has the expected type."""
-        response = await self.call(address, request, timeout=timeout)
-        if not isinstance(response, response_type):
-            raise ProtocolError(f"expected {response_type.__name__}, got {type(response).__name__}")
-        return response
+        return expect_response(await self.call(address, request, timeout=timeout), response_type)
 
     async def connection(self, address: str, *, deadline: float = math.inf) -> RpcConnection:
         """The open connection to ``address``, connecting (with backoff) if needed.

@@ -77,8 +77,8 @@ _SNAP_HEADER = struct.Struct(">4sII")  # magic, metadata length, crc32c(metadata
 _SNAP_MAGIC = b"RSN1"
 #: A record longer than this is treated as garbage (a torn length field).
 MAX_RECORD_BYTES = 1 << 30
-#: Records up to this size are written from the calling thread (then fsynced in a
-#: worker); larger ones are written by the worker too.
+#: Records up to this size are written from the calling thread (then fsynced as
+#: :meth:`DiskStorage._fdatasync` decides); larger ones are written by a worker thread.
 INLINE_WRITE_BYTES = 256 << 10
 #: A WAL fdatasync is made in the event loop's own thread while the device has been
 #: answering within this (a fast disk: the worker-thread hop costs more than the
@@ -216,7 +216,6 @@ class DiskStorage(MemoryStorage):
         self._write_lock = trio.Lock()
         # Fast fsyncs in a row; inline while it is at least FAST_FSYNCS_TO_RETURN.
         self._fast_fsyncs = FAST_FSYNCS_TO_RETURN
-        self.inline_fsyncs = 0
         #: Bytes of WAL appended since the last rewrite (for observers and tests).
         self.wal_bytes = 0
         self.truncated_bytes = 0
@@ -458,7 +457,7 @@ class DiskStorage(MemoryStorage):
                 and self.wal_bytes + len(record) <= self._allocated
             ):
                 # A small write into reserved page cache does not block for long; the
-                # fsync may, so only it goes to a worker thread (one thread hop, not two).
+                # fsync may, so it goes to a worker thread unless the disk is fast.
                 self._write_at_end(record)
                 if sync:
                     await self._fdatasync()
@@ -477,10 +476,7 @@ class DiskStorage(MemoryStorage):
         (see :data:`INLINE_FSYNC_MAX_S`)."""
         inline = self._fast_fsyncs >= FAST_FSYNCS_TO_RETURN
         if inline:
-            start = time.perf_counter()
-            os.fdatasync(self._wal_fd)
-            took = time.perf_counter() - start
-            self.inline_fsyncs += 1
+            took = _timed_fdatasync(self._wal_fd)
             await trio.lowlevel.checkpoint()  # an await is a checkpoint, as with a thread
         else:
             took = await trio.to_thread.run_sync(_timed_fdatasync, self._wal_fd)

@@ -411,14 +411,14 @@ _ZIGZAG_BYTE: Final[tuple[int, ...]] = tuple((b >> 1) ^ -(b & 1) for b in range(
 
 #: Byte k of each offset delta's varint (0 past its end): column k of uniform records.
 _OFFSET_DELTA_BYTES: Final[tuple[bytes, ...]] = tuple(
-    bytes(v[k] if k < len(v) else 0 for v in _VARINT[:_TABLE_SIZE]) for k in range(3)
+    bytes(v[k] if k < len(v) else 0 for v in _VARINT) for k in range(3)
 )
 
 
 def _uniform_ranges(first: int, count: int, n: int) -> list[tuple[int, int, bytes, int, int]]:
     """For records ``first .. first+count-1`` with ``n``-byte values, per offset-delta
-    width: (lo, hi, the encoded record length, the record's size in bytes, where its
-    value starts in it). Needs first + count <= _TABLE_SIZE and n < _FAST_MAX_VALUE."""
+    width: (lo, hi, the encoded record length, the record's size in bytes, the width).
+    Needs first + count <= _TABLE_SIZE and n < _FAST_MAX_VALUE."""
     value_len = len(_VARINT[n])
     out = []
     for lo, hi, width in _OFFSET_DELTA_WIDTHS:
@@ -427,9 +427,7 @@ def _uniform_ranges(first: int, count: int, n: int) -> list[tuple[int, int, byte
         if a < b:
             body = 3 + width + value_len + n + 1
             record_len = _VARINT[body]
-            out.append(
-                (a, b, record_len, len(record_len) + body, len(record_len) + 3 + width + value_len)
-            )
+            out.append((a, b, record_len, len(record_len) + body, width))
     return out
 
 
@@ -819,19 +817,17 @@ def _decode_uniform(out: list[Record], data: bytes, header: BatchHeader, min_off
     value_len = _VARINT[n]
     values: list[bytes] = []
     start = 0
-    for a, b, record_len, size, value_at in ranges:
+    for a, b, record_len, size, width in ranges:
         records = b - a
         end = start + records * size
-        width = value_at - len(record_len) - 3 - len(value_len)
         # Byte columns: (position in the record, what each record must have there).
         head = record_len + b"\x00\x00"
+        tail = b"\x01" + value_len  # null key, value length
         columns = [(j, bytes((c,)) * records) for j, c in enumerate(head)]
         columns += [(len(head) + k, _OFFSET_DELTA_BYTES[k][a:b]) for k in range(width)]
-        columns += [
-            (len(head) + width + j, bytes((c,)) * records)
-            for j, c in enumerate(b"\x01" + value_len)
-        ]
+        columns += [(len(head) + width + j, bytes((c,)) * records) for j, c in enumerate(tail)]
         columns.append((size - 1, b"\x00" * records))  # headers count
+        value_at = len(head) + width + len(tail)
         for j, expected in columns:
             if data[start + j : end : size] != expected:
                 return False
