@@ -949,8 +949,9 @@ class Producer:
             except RequestTimedOutError as exc:
                 raise NetworkError(exc.message, address=address) from None
             if self._acks == ACKS_NONE:
-                call = await conn.start_call(request, timeout=timeout)
-                call.forget()
+                # Nothing is answered (Kafka's acks=0): the batches count as sent once
+                # they are handed to the connection.
+                await conn.send_oneway(request)
             else:
                 response = await self._await_unless_moved(node, address, request, parts, timeout)
         except DlogError as exc:

@@ -233,6 +233,12 @@ class RpcConnection:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    @property
+    def has_room(self) -> bool:
+        """Whether a request sent now is queued without waiting for the outgoing
+        buffer (``max_outbox_bytes``) to drain."""
+        return self._writer.has_room
+
     def close(self, reason: str = "closed by client") -> None:
         if self._closed_reason is None:
             self._closed_reason = reason
@@ -508,6 +514,32 @@ class RpcConnection:
         """Send ``request`` and wait for its response (RequestTimedOutError after timeout)."""
         call = await self.start_call(request, timeout=timeout)
         return await call.result()
+
+    async def send_oneway(self, request: Message) -> None:
+        """Send ``request`` as a one-way message: the server handles it and answers
+        nothing, not even an error (for messages whose answer, if any, is a message of
+        its own, such as Raft's, and for acks=none produce requests).
+
+        Returns once the frame is written or queued; waits only while the outgoing
+        queue is full (``max_outbox_bytes``), which is the backpressure a one-way
+        sender gets. Raises NetworkError if the connection is closed; a message
+        queued on a connection that then breaks is lost without a word.
+        """
+        if self.is_closed:
+            raise NetworkError(
+                f"connection to {self.address} lost: {self._closed_reason}", address=self.address
+            )
+        op = operation_of(request)
+        header: dict[str, Any] = {"o": op.name, "b": to_body(request), "n": True}
+        if op.version:
+            header["v"] = op.version
+        payload = request.payload
+        size = payload_length(payload) if payload else 0
+        try:
+            head = encode_header(header, size)
+            await self._writer.send_frame(head, payload, size, write_now=True)
+        except trio.BrokenResourceError:
+            raise NetworkError(f"connection to {self.address} lost", address=self.address) from None
 
 
 def expect_response(response: Message, response_type: type[_M]) -> _M:

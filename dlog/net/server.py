@@ -19,6 +19,11 @@ an oversize frame or an unknown operation gets an error response (when a correla
 can be read) and the connection is closed; a handler's exception becomes an error
 response (DlogError as itself, anything else as UNKNOWN_SERVER_ERROR, logged).
 
+One-way requests (header ``"n": true``, sent with ``RpcConnection.send_oneway``) are
+dispatched like any other but answered with nothing: their response is dropped and
+their errors are only logged and counted (``ServerStats.oneway_errors``). A malformed
+one still closes the connection.
+
 Backpressure: at most ``max_in_flight`` requests per connection are being handled and
 at most ``max_outbox_bytes`` of responses wait to be written; past either, the server
 stops reading that connection, so TCP pushes back on the client.
@@ -120,7 +125,11 @@ class ServerStats:
     connections_accepted: int = 0
     connections_open: int = 0
     requests: int = 0
+    #: Of ``requests``, those sent one-way (answered with nothing).
+    oneway_requests: int = 0
     error_responses: int = 0
+    #: Errors of one-way requests: logged and counted, never sent.
+    oneway_errors: int = 0
     protocol_errors: int = 0
     handler_crashes: int = 0
 
@@ -341,9 +350,14 @@ class _ServerConnection:
     async def _dispatch(self, frame: Frame, nursery: trio.Nursery) -> None:
         server = self.server
         header = frame.header
-        cid = header.get("i")
-        if type(cid) is not int:
-            raise ProtocolError("request frame without an integer correlation id 'i'")
+        cid: int | None
+        if header.get("n") is True:
+            cid = None  # one-way: nothing is answered, not even an error
+            server.stats.oneway_requests += 1
+        else:
+            cid = header.get("i")
+            if type(cid) is not int:
+                raise ProtocolError("request frame without an integer correlation id 'i'")
         server.stats.requests += 1
         name = header.get("o")
         entry = server._routes.get(name) if isinstance(name, str) else None
@@ -377,7 +391,7 @@ class _ServerConnection:
         await self._spawn(nursery, cid, route.handler, request)
 
     async def _spawn(
-        self, nursery: trio.Nursery, cid: int, handler: Handler, request: Message
+        self, nursery: trio.Nursery, cid: int | None, handler: Handler, request: Message
     ) -> None:
         server = self.server
         if self.in_flight >= server.config.max_in_flight:
@@ -390,7 +404,7 @@ class _ServerConnection:
         server._request_started()
         nursery.start_soon(self._handle, cid, handler, request)
 
-    async def _handle(self, cid: int, handler: Handler, request: Message) -> None:
+    async def _handle(self, cid: int | None, handler: Handler, request: Message) -> None:
         try:
             await self._respond(cid, handler, request)
         finally:
@@ -398,8 +412,11 @@ class _ServerConnection:
             self.server._request_finished()
             self.slot_free.set()
 
-    async def _respond(self, cid: int, handler: Handler, request: Message) -> Deferred | None:
-        """Run ``handler`` and send its answer; a :class:`Deferred` is handed back."""
+    async def _respond(
+        self, cid: int | None, handler: Handler, request: Message
+    ) -> Deferred | None:
+        """Run ``handler`` and send its answer (none for a one-way request, ``cid``
+        None); a :class:`Deferred` is handed back."""
         try:
             response = await handler(request)
         except DlogError as exc:
@@ -412,6 +429,8 @@ class _ServerConnection:
             return None
         if isinstance(response, Deferred):
             return response
+        if cid is None:
+            return None
         try:
             payload = response.payload
             size = payload_length(payload) if payload else 0
@@ -432,7 +451,11 @@ class _ServerConnection:
             self.close()
         return None
 
-    async def _send_error(self, cid: int, exc: DlogError) -> None:
+    async def _send_error(self, cid: int | None, exc: DlogError) -> None:
+        if cid is None:
+            self.server.stats.oneway_errors += 1
+            log.debug("%s: one-way request failed (nobody to tell): %s", self.server.name, exc)
+            return
         self.server.stats.error_responses += 1
         try:
             await self.writer.enqueue(

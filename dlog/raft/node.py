@@ -7,7 +7,7 @@
         ├── RpcServer        the Raft listener: ``raft_batch`` handled inline (steps the core)
         ├── ticker           core.tick() every ``tick_interval_s``
         ├── ready loop       persist (fsync) -> send -> apply -> advance; snapshots
-        └── PeerSender       one per peer: batches of messages, pipelined
+        └── PeerSender       one per peer: batches of messages, one-way
     (and an RPC client pool, owned by ``run`` too)
 
 The ready loop keeps the Ready contract: a Ready's snapshot, hard state and entries are
@@ -123,7 +123,9 @@ class RaftConfig:
     #: Messages queued per peer before new ones are dropped (Raft retransmits).
     send_queue_messages: int = 50_000
     send_batch_bytes: int = 4 << 20
-    send_in_flight_batches: int = 64
+    #: Bytes written to a peer's connection and not yet taken by its socket before new
+    #: batches to it are dropped (a slow or stopped peer).
+    send_buffer_bytes: int = 16 << 20
     send_timeout_s: float = 2.0
     connect_timeout_s: float = 1.0
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -143,7 +145,7 @@ class RaftConfig:
             "snapshot_interval_entries",
             "send_queue_messages",
             "send_batch_bytes",
-            "send_in_flight_batches",
+            "send_buffer_bytes",
         ):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
@@ -290,6 +292,7 @@ class RaftNode:
         client_config = ClientConfig(
             connect_timeout_s=cfg.connect_timeout_s,
             request_timeout_s=cfg.send_timeout_s,
+            max_outbox_bytes=cfg.send_buffer_bytes,
             reconnect_backoff_max_s=max(0.05, cfg.election_timeout_s / 2),
         )
         try:
@@ -624,7 +627,6 @@ class RaftNode:
                 self._pool,
                 max_queue=cfg.send_queue_messages,
                 max_batch_bytes=cfg.send_batch_bytes,
-                max_in_flight=cfg.send_in_flight_batches,
                 timeout_s=cfg.send_timeout_s,
                 own_address=self.address,
             )

@@ -1,8 +1,10 @@
 """Raft messages over dlog.net: batched, pipelined, one-way.
 
 Raft's messages are one-way (an answer is just another message), so a node sends
-each peer batches of messages as ``raft_batch`` requests whose responses are empty
-acknowledgements. One batch carries many messages: their CBOR-ready headers in the
+each peer batches of messages as one-way ``raft_batch`` requests
+(:meth:`dlog.net.client.RpcConnection.send_oneway`): the receiver answers nothing, so
+a lone proposal costs four frames on the wire (an append to each follower, an answer
+from each), not eight. One batch carries many messages: their CBOR-ready headers in the
 body, and their raw parts (entries, snapshot chunks) concatenated as the frame's
 payload, so entries never pass through cbor2.
 
@@ -10,10 +12,11 @@ The receiving server handles ``raft_batch`` *inline* (stepping the core never bl
 so messages from one peer are stepped in the order they were sent.
 
 :class:`PeerSender` owns the sending side for one peer: a bounded queue the driver
-fills, and a task that drains it into batches, keeping up to ``max_in_flight`` batches
-unacknowledged on the peer's pooled connection. Raft tolerates lost messages, so a
-batch that cannot be delivered (peer down, connection lost, queue full) is dropped
-and counted; heartbeats and retries repair the gap.
+fills, and a task that drains it into batches written to the peer's pooled connection.
+Raft tolerates lost messages, so a message that cannot be delivered (peer down,
+connection lost, queue full, or the connection's bounded outgoing buffer full because
+the peer reads slower than we write) is dropped and counted; heartbeats and retries
+repair the gap.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from typing import Any
 
 import trio
 
-from dlog.errors import DlogError, ProtocolError
-from dlog.net.client import PendingCall, RpcPool
+from dlog.errors import DlogError, NetworkError, ProtocolError
+from dlog.net.client import RpcPool
 from dlog.net.messages import Message, payload_bytes, register
 from dlog.raft.codec import message_from_wire, message_to_wire
 from dlog.raft.messages import ENTRY_OVERHEAD, AnyMessage
@@ -50,7 +53,7 @@ class RaftBatchRequest(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RaftBatchResponse(Message):
-    pass
+    """What a receiver's handler returns; never sent, since batches go one-way."""
 
 
 register(RAFT_BATCH, RaftBatchRequest, RaftBatchResponse)
@@ -105,7 +108,6 @@ class PeerSender:
         *,
         max_queue: int,
         max_batch_bytes: int,
-        max_in_flight: int,
         timeout_s: float,
         own_address: str = "",
     ) -> None:
@@ -116,10 +118,8 @@ class PeerSender:
         self._queue: collections.deque[AnyMessage] = collections.deque()
         self._max_queue = max_queue
         self._max_batch_bytes = max_batch_bytes
-        self._max_in_flight = max_in_flight
         self._timeout_s = timeout_s
         self._wake = trio.Event()
-        self._in_flight: collections.deque[PendingCall] = collections.deque()
         self.stats = SenderStats()
 
     def send(self, msg: AnyMessage, address: str | None) -> None:
@@ -156,29 +156,20 @@ class PeerSender:
             await self._send_batch(address, batch)
 
     async def _send_batch(self, address: str, batch: list[AnyMessage]) -> None:
-        # Collect finished calls; wait for the oldest when the window is full.
-        while self._in_flight and (
-            self._in_flight[0].done or len(self._in_flight) >= self._max_in_flight
-        ):
-            call = self._in_flight.popleft()
-            try:
-                await call.result()
-            except DlogError as exc:
-                self.stats.failed_batches += 1
-                log.debug("raft batch to node %d (%s) failed: %s", self.peer, address, exc)
         try:
             conn = await self._pool.connection(
                 address, deadline=trio.current_time() + self._timeout_s
             )
-            call = await conn.start_call(
-                encode_batch(batch, self.own_address), timeout=self._timeout_s
-            )
+            if not conn.has_room:
+                # The peer reads slower than we write (or not at all): drop rather
+                # than queue without bound or wait; Raft sends again what matters.
+                raise NetworkError(f"send buffer to {address} is full", address=address)
+            await conn.send_oneway(encode_batch(batch, self.own_address))
         except DlogError as exc:
             self.stats.failed_batches += 1
             self.stats.dropped_messages += len(batch)
             log.debug("cannot send to node %d (%s): %s", self.peer, address, exc)
             return
-        self._in_flight.append(call)
         self.stats.sent_batches += 1
         self.stats.sent_messages += len(batch)
 

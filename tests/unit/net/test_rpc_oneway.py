@@ -1,0 +1,129 @@
+"""One-way requests: handled like any other, answered with nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from dlog.errors import NetworkError
+from dlog.net.client import ClientConfig, RpcConnection
+from dlog.net.framing import encode_frame
+from dlog.net.messages import EchoRequest, EchoResponse, Message, register
+from dlog.net.server import Route, RpcServer
+from tests.unit.net.rpc_fixtures import FailRequest, Gates, WaitRequest, make_server
+from tests.unit.net.test_rpc_memory import connected, read_frames
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordRequest(Message):
+    n: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordResponse(Message):
+    pass
+
+
+register("test.record", RecordRequest, RecordResponse)
+
+
+async def test_oneway_request_is_handled_and_not_answered() -> None:
+    gates = Gates()
+    server = make_server(gates)
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_side)
+        # A one-way request in a task of its own, then one inline, then a normal call:
+        # the only frame that comes back is the normal call's answer.
+        await client_side.send_all(encode_frame({"o": "test.wait", "b": {"gate": "g"}, "n": True}))
+        await client_side.send_all(encode_frame({"o": "echo", "b": {"data": 1}, "n": True}))
+        await trio.testing.wait_all_tasks_blocked()
+        assert gates.entered == ["g"]
+        gates.open("g")
+        await trio.testing.wait_all_tasks_blocked()
+        await client_side.send_all(encode_frame({"i": 9, "o": "echo", "b": {"data": 2}}))
+        frames = await read_frames(client_side, 1)
+        assert [f.header for f in frames] == [{"i": 9, "b": {"data": 2}}]
+        assert server.stats.requests == 3
+        assert server.stats.oneway_requests == 2
+        assert server.stats.error_responses == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["not_leader", "crash"])
+async def test_oneway_errors_are_counted_not_sent_and_the_connection_lives(kind: str) -> None:
+    server = make_server(Gates())
+    async with connected(server) as conn:
+        await conn.send_oneway(FailRequest(kind=kind))
+        resp = await conn.call(EchoRequest(data="after"))
+        assert isinstance(resp, EchoResponse) and resp.data == "after"
+        assert server.stats.oneway_errors == 1
+        assert server.stats.error_responses == 0
+        assert server.stats.handler_crashes == (1 if kind == "crash" else 0)
+
+
+async def test_oneway_unknown_operation_closes_the_connection_silently() -> None:
+    server = make_server(Gates())
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_side)
+        await client_side.send_all(encode_frame({"o": "no.such.op", "n": True}))
+        with trio.fail_after(5):
+            assert await client_side.receive_some(100) == b""  # no answer, then EOF
+        assert server.stats.protocol_errors == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_frame_without_correlation_id_is_still_an_error_unless_oneway() -> None:
+    server = make_server(Gates())
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_side)
+        await client_side.send_all(encode_frame({"o": "echo", "n": False}))
+        with trio.fail_after(5):
+            assert await client_side.receive_some(100) == b""
+        assert server.stats.protocol_errors == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_oneway_requests_keep_their_order_with_calls() -> None:
+    seen: list[int] = []
+
+    async def record(req: RecordRequest) -> RecordResponse:
+        seen.append(req.n)
+        return RecordResponse()
+
+    server = RpcServer({"test.record": Route(record, inline=True)}, name="t")
+    async with connected(server) as conn:
+        for i in range(5):
+            await conn.send_oneway(RecordRequest(n=i))
+        await conn.call(RecordRequest(n=5))
+    assert seen == [0, 1, 2, 3, 4, 5]
+
+
+async def test_send_oneway_on_a_closed_connection_raises() -> None:
+    async with connected(make_server(Gates())) as conn:
+        conn.close("test")
+        with pytest.raises(NetworkError):
+            await conn.send_oneway(EchoRequest())
+
+
+async def test_send_oneway_waits_for_room_and_has_room_says_so(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The server never reads: the client's outgoing buffer fills up.
+    client_side, _server_side = trio.testing.lockstep_stream_pair()
+    config = ClientConfig(max_outbox_bytes=1000)
+    async with trio.open_nursery() as nursery:
+        conn = RpcConnection(client_side, "memory", config)
+        await nursery.start(conn.run)
+        assert conn.has_room
+        while conn.has_room:
+            await conn.send_oneway(WaitRequest(gate="x" * 100))
+        with trio.testing.assert_checkpoints(), trio.move_on_after(1) as waited:
+            await conn.send_oneway(WaitRequest(gate="y"))
+        assert waited.cancelled_caught
+        nursery.cancel_scope.cancel()
