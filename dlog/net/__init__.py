@@ -12,7 +12,9 @@ Layers, bottom up:
   ``Route(h, inline=True)`` for handlers that never block.
 - :mod:`dlog.net.client`: ``async with open_rpc_pool() as pool: await pool.call(addr,
   request)``; one pipelined connection per address, reconnect with backoff,
-  per-call timeouts, ``pool.faults`` to simulate cut links in tests.
+  per-call timeouts, ``pool.faults`` to simulate cut links in tests;
+  ``conn.send_oneway(request)`` for messages that want no answer (Raft's, acks=none
+  produce): the server handles them and sends nothing back, not even an error.
 - :mod:`dlog.net.protocol`: the client/broker operations (produce, fetch, metadata, ...).
 
 Errors are :mod:`dlog.errors` exceptions on both sides: a handler raises

@@ -6,7 +6,8 @@ A connection pipelines any number of requests (bounded by ``max_in_flight``);
 responses are matched by correlation id and may arrive in any order. The reader task
 reads responses, except while a call is the only one in flight: its caller then reads
 the socket itself (``RpcConnection._read_for``), which saves a task switch per round
-trip.
+trip. ``send_oneway`` sends a request the server answers with nothing (no pending call,
+no correlation id): for messages whose answer is a message of its own.
 
 Failure behaviour:
 
