@@ -950,8 +950,19 @@ class Producer:
                 raise NetworkError(exc.message, address=address) from None
             if self._acks == ACKS_NONE:
                 # Nothing is answered (Kafka's acks=0): the batches count as sent once
-                # they are handed to the connection.
-                await conn.send_oneway(request)
+                # they are handed to the connection -- at once while its buffer has
+                # room, else within the timeout (a broker that stops reading must not
+                # hold the producer's flush forever).
+                if conn.has_room:
+                    await conn.send_oneway(request)
+                else:
+                    with trio.move_on_after(timeout) as waited:
+                        await conn.send_oneway(request)
+                    if waited.cancelled_caught:
+                        raise NetworkError(
+                            f"broker {node} ({address}) is not reading its connection",
+                            address=address,
+                        )
             else:
                 response = await self._await_unless_moved(node, address, request, parts, timeout)
         except DlogError as exc:

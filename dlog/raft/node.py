@@ -126,6 +126,8 @@ class RaftConfig:
     #: Bytes written to a peer's connection and not yet taken by its socket before new
     #: batches to it are dropped (a slow or stopped peer).
     send_buffer_bytes: int = 16 << 20
+    #: How long a batch for a peer may wait for a connection (connecting, or a
+    #: reconnect backoff) before it is dropped.
     send_timeout_s: float = 2.0
     connect_timeout_s: float = 1.0
     server: ServerConfig = field(default_factory=ServerConfig)

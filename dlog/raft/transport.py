@@ -3,10 +3,12 @@
 Raft's messages are one-way (an answer is just another message), so a node sends
 each peer batches of messages as one-way ``raft_batch`` requests
 (:meth:`dlog.net.client.RpcConnection.send_oneway`): the receiver answers nothing, so
-a lone proposal costs four frames on the wire (an append to each follower, an answer
-from each), not eight. One batch carries many messages: their CBOR-ready headers in the
-body, and their raw parts (entries, snapshot chunks) concatenated as the frame's
-payload, so entries never pass through cbor2.
+a lone proposal costs six frames on the wire (an append to each follower, an answer
+from each, then a commit-only append to each that asks for no answer), not twelve.
+
+One batch carries many messages: their CBOR-ready headers in the body, and their raw
+parts (entries, snapshot chunks) concatenated as the frame's payload, so entries never
+pass through cbor2.
 
 The receiving server handles ``raft_batch`` *inline* (stepping the core never blocks),
 so messages from one peer are stepped in the order they were sent.
@@ -121,6 +123,11 @@ class PeerSender:
         self._timeout_s = timeout_s
         self._wake = trio.Event()
         self.stats = SenderStats()
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting to be sent."""
+        return len(self._queue)
 
     def send(self, msg: AnyMessage, address: str | None) -> None:
         """Queue ``msg`` (never blocks; drops it when the queue is full)."""

@@ -8,11 +8,11 @@ import pytest
 import trio
 import trio.testing
 
-from dlog.errors import NetworkError
+from dlog.errors import NetworkError, NotLeaderError
 from dlog.net.client import ClientConfig, RpcConnection
 from dlog.net.framing import encode_frame
 from dlog.net.messages import EchoRequest, EchoResponse, Message, register
-from dlog.net.server import Route, RpcServer
+from dlog.net.server import Deferred, Route, RpcServer
 from tests.unit.net.rpc_fixtures import FailRequest, Gates, WaitRequest, make_server
 from tests.unit.net.test_rpc_memory import connected, read_frames
 
@@ -50,6 +50,7 @@ async def test_oneway_request_is_handled_and_not_answered() -> None:
         assert server.stats.requests == 3
         assert server.stats.oneway_requests == 2
         assert server.stats.error_responses == 0
+        assert server.in_flight == 0
         nursery.cancel_scope.cancel()
 
 
@@ -63,6 +64,7 @@ async def test_oneway_errors_are_counted_not_sent_and_the_connection_lives(kind:
         assert server.stats.oneway_errors == 1
         assert server.stats.error_responses == 0
         assert server.stats.handler_crashes == (1 if kind == "crash" else 0)
+        assert server.in_flight == 0
 
 
 async def test_oneway_unknown_operation_closes_the_connection_silently() -> None:
@@ -102,6 +104,44 @@ async def test_oneway_requests_keep_their_order_with_calls() -> None:
             await conn.send_oneway(RecordRequest(n=i))
         await conn.call(RecordRequest(n=5))
     assert seen == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_oneway_request_whose_inline_handler_defers_finishes_and_answers_nothing(
+    fails: bool,
+) -> None:
+    finished = trio.Event()
+    release = trio.Event()
+
+    async def finish() -> RecordResponse:
+        await release.wait()
+        finished.set()
+        if fails:
+            raise NotLeaderError("moved", leader=2)
+        return RecordResponse()
+
+    async def deferring(req: RecordRequest) -> Deferred:
+        return Deferred(finish)
+
+    server = RpcServer({"test.record": Route(deferring, inline=True)}, name="t")
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_side)
+        await client_side.send_all(encode_frame({"o": "test.record", "b": {"n": 1}, "n": True}))
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.in_flight == 1  # the waiting part holds its slot like any request
+        release.set()
+        with trio.fail_after(5):
+            await finished.wait()
+        assert await server.drain(1.0)
+        assert server.in_flight == 0
+        assert server.stats.oneway_errors == (1 if fails else 0)
+        # Nothing was written back: the next bytes the client sees are an answer to
+        # a normal call.
+        await client_side.send_all(encode_frame({"i": 3, "o": "echo", "b": {"data": 0}}))
+        frames = await read_frames(client_side, 1)
+        assert [f.header.get("i") for f in frames] == [3]
+        nursery.cancel_scope.cancel()
 
 
 async def test_send_oneway_on_a_closed_connection_raises() -> None:
