@@ -33,7 +33,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -45,8 +45,15 @@ from dlog.errors import (
     error_from_wire,
 )
 from dlog.net.address import parse_address
-from dlog.net.framing import DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, encode_header
-from dlog.net.messages import Message, Operation, from_body, operation_of, payload_length, to_body
+from dlog.net.framing import DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, encode_call_header
+from dlog.net.messages import (
+    Message,
+    Operation,
+    body_cbor,
+    from_body,
+    operation_of,
+    payload_length,
+)
 from dlog.net.writer import FrameWriter
 
 log = logging.getLogger(__name__)
@@ -489,12 +496,9 @@ class RpcConnection:
         limit = self.config.request_timeout_s if timeout is None else timeout
         cid = next(self._cids)
         call = PendingCall(self, cid, op, trio.current_time() + limit, limit)
-        header: dict[str, Any] = {"i": cid, "o": op.name, "b": to_body(request)}
-        if op.version:
-            header["v"] = op.version
         payload = request.payload
         size = payload_length(payload) if payload else 0
-        head = encode_header(header, size)
+        head = encode_call_header(cid, op.name_cbor, body_cbor(request), op.version, size)
         self._pending[cid] = call
         # Alone on the connection: write at once (latency). Pipelining: let the
         # writer task batch this with the calls around it (throughput).
@@ -531,13 +535,10 @@ class RpcConnection:
                 f"connection to {self.address} lost: {self._closed_reason}", address=self.address
             )
         op = operation_of(request)
-        header: dict[str, Any] = {"o": op.name, "b": to_body(request), "n": True}
-        if op.version:
-            header["v"] = op.version
         payload = request.payload
         size = payload_length(payload) if payload else 0
+        head = encode_call_header(None, op.name_cbor, body_cbor(request), op.version, size)
         try:
-            head = encode_header(header, size)
             await self._writer.send_frame(head, payload, size, write_now=True)
         except trio.BrokenResourceError:
             raise NetworkError(f"connection to {self.address} lost", address=self.address) from None

@@ -77,6 +77,76 @@ def encode_header(header: dict[str, Any], payload_length: int = 0) -> bytes:
     return _U32.pack(len(encoded)) + encoded
 
 
+# --- headers assembled from CBOR pieces (the hot paths) -------------------------------
+#
+# cbor2 spends most of an encode of a small header on its two maps (about 0.8 us each,
+# against 0.2 us for an int), so the request and response headers are assembled here
+# from constant bytes and pre-encoded pieces; the body comes already encoded from
+# :func:`dlog.net.messages.body_cbor`. The bytes decode to the same map
+# :func:`encode_header` would make.
+
+_U16: Final = struct.Struct(">H")
+_U64: Final = struct.Struct(">Q")
+_SMALL_UINTS: Final = tuple(bytes((n,)) if n < 24 else bytes((0x18, n)) for n in range(256))
+_MAP_HEADS: Final = tuple(bytes((0xA0 + n,)) for n in range(24))
+
+
+def cbor_uint(n: int) -> bytes:
+    """The CBOR encoding of an unsigned integer ``0 <= n < 2**64``."""
+    if n < 256:
+        return _SMALL_UINTS[n]
+    if n < 0x10000:
+        return b"\x19" + _U16.pack(n)
+    if n < 0x100000000:
+        return b"\x1a" + _U32.pack(n)
+    return b"\x1b" + _U64.pack(n)
+
+
+def cbor_text(text: str) -> bytes:
+    """The CBOR encoding of a text string."""
+    data = text.encode()
+    n = len(data)
+    if n < 24:
+        return bytes((0x60 + n,)) + data
+    head = cbor_uint(n)  # major type 0 (its top three bits are 0), made type 3
+    return bytes((head[0] | 0x60,)) + head[1:] + data
+
+
+def encode_call_header(
+    cid: int | None, op_cbor: bytes, body_cbor: bytes, version: int, payload_length: int
+) -> bytes:
+    """The prefix and header of a request: ``{"i": cid, "o": op, "b": body}`` plus
+    ``"v"`` when ``version`` and ``"p"`` when ``payload_length``; a one-way request
+    (``cid`` None) carries ``"n": true`` instead of ``"i"``. ``op_cbor`` is
+    :func:`cbor_text` of the operation name and ``body_cbor`` the encoded body map."""
+    parts = [
+        _MAP_HEADS[3 + (version != 0) + (payload_length != 0)],
+        b"\x61i" + cbor_uint(cid) if cid is not None else b"\x61n\xf5",
+        b"\x61o",
+        op_cbor,
+        b"\x61b",
+        body_cbor,
+    ]
+    if version:
+        parts.append(b"\x61v" + cbor_uint(version))
+    if payload_length:
+        parts.append(b"\x61p" + cbor_uint(payload_length))
+    encoded = b"".join(parts)
+    return _U32.pack(len(encoded)) + encoded
+
+
+def encode_reply_header(cid: int, body_cbor: bytes, payload_length: int) -> bytes:
+    """The prefix and header of a successful response: ``{"i": cid, "b": body}`` plus
+    ``"p"`` when ``payload_length``."""
+    if payload_length:
+        encoded = b"".join(
+            (b"\xa3\x61i", cbor_uint(cid), b"\x61b", body_cbor, b"\x61p", cbor_uint(payload_length))
+        )
+    else:
+        encoded = b"".join((b"\xa2\x61i", cbor_uint(cid), b"\x61b", body_cbor))
+    return _U32.pack(len(encoded)) + encoded
+
+
 def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
     """A whole frame as one bytes object (for small payloads and tests)."""
     return encode_header(header, len(payload)) + payload

@@ -32,7 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
+import cbor2
+
 from dlog.errors import ProtocolError, UnsupportedVersionError
+from dlog.net.framing import cbor_text, cbor_uint
 
 #: A payload as a handler may return it: one buffer or several chunks (e.g. file
 #: slices) that are written one after another without being joined.
@@ -208,6 +211,30 @@ def to_body(value: Any) -> dict[str, Any]:
     return _codec(type(value))[0](value)
 
 
+def body_cbor(value: Any) -> bytes:
+    """``cbor2.dumps(to_body(value))``, made faster: the map's head and keys are
+    constants and common values are encoded here (see :func:`_cbor_value`)."""
+    return _codec(type(value))[2](value)
+
+
+_dumps = cbor2.dumps
+
+
+def _cbor_value(value: Any) -> bytes:
+    """``cbor2.dumps(value)``; strings, small non-negative ints, None and bools without
+    cbor2 (whose per-call cost is most of encoding one), anything else with it."""
+    t = type(value)
+    if t is str:
+        return cbor_text(value)
+    if t is int:
+        return cbor_uint(value) if 0 <= value < 0x10000000000000000 else _dumps(value)
+    if value is None:
+        return b"\xf6"
+    if t is bool:
+        return b"\xf5" if value else b"\xf4"
+    return _dumps(value)
+
+
 _T = TypeVar("_T")
 
 
@@ -226,14 +253,15 @@ def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
     raise TypeError(f"{cls.__name__}.{name} is not a slot")
 
 
-_Codec = tuple[Callable[[Any], dict[str, Any]], Callable[[Any, bytes], Any]]
+_Codec = tuple[Callable[[Any], dict[str, Any]], Callable[[Any, bytes], Any], Callable[[Any], bytes]]
 _CODECS: dict[type, _Codec] = {}
 _MISSING = object()
 
 
 def _codec(cls: type) -> _Codec:
-    """An encoder and a decoder generated for ``cls`` (straight-line code: this runs
-    for every request and response, so no per-field loop or ``**kwargs``)."""
+    """An encoder (to a dict), a decoder and an encoder straight to CBOR bytes,
+    generated for ``cls`` (straight-line code: this runs for every request and
+    response, so no per-field loop or ``**kwargs``)."""
     codec = _CODECS.get(cls)
     if codec is not None:
         return codec
@@ -245,8 +273,14 @@ def _codec(cls: type) -> _Codec:
         "ProtocolError": ProtocolError,
         "dict": dict,
         "isinstance": isinstance,
+        "cv": _cbor_value,
     }
     enc_items = []
+    # CBOR: the map's head and each key are constants (k0 holds the head too).
+    cbor_items = []
+    n = len(plan)
+    map_head = bytes((0xA0 + n,)) if n < 24 else bytes((cbor_uint(n)[0] | 0xA0,)) + cbor_uint(n)[1:]
+    ns["k0"] = map_head
     dec_lines = [
         "def decode(body, payload):",
         "    if not isinstance(body, dict):",
@@ -256,13 +290,16 @@ def _codec(cls: type) -> _Codec:
     args = []
     for i, f in enumerate(plan):
         name = f.name
+        ns[f"k{i}"] = ns.get(f"k{i}", b"") + cbor_text(name)
         if f.encode is None:
             enc_items.append(f"{name!r}: value.{name}")
+            cbor_items.append(f"k{i}, cv(value.{name})")
         else:
             ns[f"enc{i}"] = f.encode
             enc_items.append(
                 f"{name!r}: (None if (v{i} := value.{name}) is None else enc{i}(v{i}))"
             )
+            cbor_items.append(f"k{i}, cv(None if (v{i} := value.{name}) is None else enc{i}(v{i}))")
         dec_lines.append(f"    v{i} = get({name!r}, MISSING)")
         dec_lines.append(f"    if v{i} is MISSING:")
         spec = fields[name]
@@ -301,9 +338,13 @@ def _codec(cls: type) -> _Codec:
             f"        raise ProtocolError({cls.__name__ + ': '!r} + str(exc)) from None",
         ]
     enc_src = "def encode(value):\n    return {" + ", ".join(enc_items) + "}\n"
+    if cbor_items:
+        cbor_src = "def encode_cbor(value):\n    return b''.join((" + ", ".join(cbor_items) + "))\n"
+    else:
+        cbor_src = "def encode_cbor(value):\n    return k0\n"
     # The source is generated from our own dataclass definitions, never from input.
-    exec(enc_src + "\n".join(dec_lines) + "\n", ns)
-    codec = (ns["encode"], ns["decode"])
+    exec(enc_src + cbor_src + "\n".join(dec_lines) + "\n", ns)
+    codec = (ns["encode"], ns["decode"], ns["encode_cbor"])
     _CODECS[cls] = codec
     return codec
 
@@ -319,6 +360,8 @@ class Operation:
     request: type[Message]
     response: type[Message]
     version: int
+    #: ``name`` as CBOR text, ready for request headers.
+    name_cbor: bytes = dataclasses.field(default=b"", compare=False, repr=False)
 
 
 _BY_NAME: dict[str, Operation] = {}
@@ -329,7 +372,7 @@ def register(
     name: str, request: type[Message], response: type[Message], *, version: int = 0
 ) -> Operation:
     """Register an operation; registering the same one twice is allowed, a clash is not."""
-    op = Operation(name, request, response, version)
+    op = Operation(name, request, response, version, cbor_text(name))
     existing = _BY_NAME.get(name)
     if existing is not None and existing != op:
         raise ValueError(f"operation {name!r} is already registered as {existing}")

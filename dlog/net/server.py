@@ -52,6 +52,7 @@ from dlog.net.framing import (
     Frame,
     FrameDecoder,
     encode_header,
+    encode_reply_header,
 )
 from dlog.net.messages import (
     ApiVersionsRequest,
@@ -60,11 +61,11 @@ from dlog.net.messages import (
     EchoResponse,
     Message,
     Operation,
+    body_cbor,
     check_version,
     from_body,
     operation,
     payload_length,
-    to_body,
 )
 from dlog.net.writer import FrameWriter
 
@@ -434,7 +435,7 @@ class _ServerConnection:
         try:
             payload = response.payload
             size = payload_length(payload) if payload else 0
-            head = encode_header({"i": cid, "b": to_body(response)}, size)
+            head = encode_reply_header(cid, body_cbor(response), size)
         except Exception as exc:
             # A response that cannot be encoded is a bug in the handler; it is this
             # request's failure, never the connection's or the node's.
