@@ -181,6 +181,8 @@ async def read_frames(stream: trio.abc.ReceiveStream, n: int) -> list[Frame]:
         (encode_header({"i": 7, "o": "echo"}, 10**9), True),  # oversize
         (struct.pack(">I", 3) + b"\xff\xff\xff", False),  # garbage header
         (encode_frame({"o": "echo"}), False),  # no correlation id
+        (encode_frame({"o": "echo", "n": False}), False),  # nor one-way
+        (encode_frame({"o": "no.such.op", "n": True}), False),  # one-way: no answer
     ],
 )
 async def test_bad_input_gets_an_answer_where_possible_then_close(
