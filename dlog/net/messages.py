@@ -221,7 +221,7 @@ _dumps = cbor2.dumps
 
 
 def _cbor_value(value: Any) -> bytes:
-    """``cbor2.dumps(value)``; strings, small non-negative ints, None and bools without
+    """``cbor2.dumps(value)``; strings, ints in [0, 2**64), None and bools without
     cbor2 (whose per-call cost is most of encoding one), anything else with it."""
     t = type(value)
     if t is str:
