@@ -503,8 +503,12 @@ class RpcConnection:
         # Alone on the connection: write at once (latency). Pipelining: let the
         # writer task batch this with the calls around it (throughput).
         alone = len(self._pending) == 1
+        writer = self._writer
         try:
-            await self._writer.send_frame(head, payload, size, write_now=alone)
+            if not size and writer.has_room:
+                writer.enqueue_nowait(head, write_now=alone)  # (no coroutine: the hot path)
+            else:
+                await writer.send_frame(head, payload, size, write_now=alone)
         except trio.BrokenResourceError:
             self._pending.pop(cid, None)
             raise NetworkError(f"connection to {self.address} lost", address=self.address) from None

@@ -244,6 +244,11 @@ def from_body(cls: type[_T], body: Any, payload: bytes = b"") -> _T:
     return result
 
 
+def body_decoder(cls: type[_T]) -> Callable[[Any, bytes], _T]:
+    """``from_body`` for one type, looked up once (for a caller that decodes many)."""
+    return _codec(cls)[1]
+
+
 def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
     for klass in cls.__mro__:
         descriptor = klass.__dict__.get(name)

@@ -62,14 +62,17 @@ from dlog.net.messages import (
     Message,
     Operation,
     body_cbor,
+    body_decoder,
     check_version,
-    from_body,
     operation,
     payload_length,
 )
 from dlog.net.writer import FrameWriter
 
 log = logging.getLogger(__name__)
+
+#: The body of a request that has none (decoders only read it).
+_NO_BODY: Mapping[str, Any] = {}
 
 Handler = Callable[[Any], Awaitable["Message | Deferred"]]
 
@@ -152,14 +155,18 @@ class RpcServer:
         self.config = config or ServerConfig()
         self.name = name
         self.stats = ServerStats()
-        self._routes: dict[str, tuple[Operation, Route]] = {}
+        self._routes: dict[str, tuple[Operation, Route, Callable[[Any, bytes], Message]]] = {}
         builtin: dict[str, Handler | Route] = {
             "echo": Route(_echo, inline=True),
             "api_versions": Route(self._api_versions, inline=True),
         }
         for op_name, route in {**builtin, **routes}.items():
             op = operation(op_name)
-            self._routes[op_name] = (op, route if isinstance(route, Route) else Route(route))
+            self._routes[op_name] = (
+                op,
+                route if isinstance(route, Route) else Route(route),
+                body_decoder(op.request),
+            )
         self._draining = False
         self._in_flight = 0
         # Made only while drain() waits: most requests never touch an Event.
@@ -246,7 +253,7 @@ class RpcServer:
 
     async def _api_versions(self, request: ApiVersionsRequest) -> ApiVersionsResponse:
         return ApiVersionsResponse(
-            operations={name: op.version for name, (op, _) in self._routes.items()}
+            operations={name: entry[0].version for name, entry in self._routes.items()}
         )
 
 
@@ -364,11 +371,11 @@ class _ServerConnection:
         entry = server._routes.get(name) if isinstance(name, str) else None
         if entry is None:
             raise ProtocolError(f"unknown operation {name!r}", correlation_id=cid)
-        op, route = entry
+        op, route, decode = entry
         try:
             if "v" in header:
                 check_version(op, header["v"])
-            request = from_body(op.request, header.get("b", {}), frame.payload)
+            request = decode(header.get("b", _NO_BODY), frame.payload)
         except UnsupportedVersionError as exc:
             await self._send_error(cid, exc)
             return
@@ -446,8 +453,12 @@ class _ServerConnection:
         # Inline answers are corked by the read loop; a handler task alone on its
         # connection writes at once; with others in flight, the writer task batches.
         alone = self.in_flight <= 1
+        writer = self.writer
         try:
-            await self.writer.send_frame(head, payload, size, write_now=alone)
+            if not size and writer.has_room:
+                writer.enqueue_nowait(head, write_now=alone)  # (no coroutine: the hot path)
+            else:
+                await writer.send_frame(head, payload, size, write_now=alone)
         except trio.BrokenResourceError:
             self.close()
         return None
