@@ -505,9 +505,7 @@ class RpcConnection:
         alone = len(self._pending) == 1
         writer = self._writer
         try:
-            if not size and writer.has_room:
-                writer.enqueue_nowait(head, write_now=alone)  # (no coroutine: the hot path)
-            else:
+            if not writer.send_frame_nowait(head, size, write_now=alone):
                 await writer.send_frame(head, payload, size, write_now=alone)
         except trio.BrokenResourceError:
             self._pending.pop(cid, None)

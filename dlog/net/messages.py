@@ -283,9 +283,8 @@ def _codec(cls: type) -> _Codec:
     enc_items = []
     # CBOR: the map's head and each key are constants (k0 holds the head too).
     cbor_items = []
-    n = len(plan)
-    map_head = bytes((0xA0 + n,)) if n < 24 else bytes((cbor_uint(n)[0] | 0xA0,)) + cbor_uint(n)[1:]
-    ns["k0"] = map_head
+    map_head = cbor_uint(len(plan))  # major type 0 (top three bits 0), made type 5
+    ns["k0"] = bytes((map_head[0] | 0xA0,)) + map_head[1:]
     dec_lines = [
         "def decode(body, payload):",
         "    if not isinstance(body, dict):",

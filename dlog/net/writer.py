@@ -81,17 +81,24 @@ class FrameWriter:
             await self._drained.wait()
         self.enqueue_nowait(*chunks, write_now=write_now)
 
+    def send_frame_nowait(self, head: bytes, size: int, *, write_now: bool) -> bool:
+        """Queue a frame with no payload (``size`` 0) if the queue has room; False (and
+        nothing queued) otherwise, when the caller must await :meth:`send_frame`. The
+        hot paths try this first: a plain call, not a coroutine."""
+        if size or not self.has_room:
+            return False
+        self.enqueue_nowait(head, write_now=write_now)
+        return True
+
     async def send_frame(
         self, head: bytes, payload: Chunk | Sequence[Chunk], size: int, *, write_now: bool
     ) -> None:
         """Queue a frame: its encoded header, then a payload of ``size`` bytes given as
-        one buffer or as chunks (sent one after another, never joined). A frame with no
-        payload and room in the queue costs no coroutine switch."""
+        one buffer or as chunks (sent one after another, never joined)."""
+        if self.send_frame_nowait(head, size, write_now=write_now):
+            return
         if not size:
-            if self.has_room:
-                self.enqueue_nowait(head, write_now=write_now)
-            else:
-                await self.enqueue(head, write_now=write_now)
+            await self.enqueue(head, write_now=write_now)
         elif isinstance(payload, bytes | bytearray | memoryview):
             await self.enqueue(head, payload, write_now=write_now)
         else:

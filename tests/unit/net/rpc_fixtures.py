@@ -44,9 +44,22 @@ class ChunksResponse(Message):
     count: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordRequest(Message):
+    """Carries a number (the tests' handlers record the order they see them in)."""
+
+    n: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordResponse(Message):
+    pass
+
+
 register("test.wait", WaitRequest, WaitResponse)
 register("test.fail", FailRequest, FailResponse)
 register("test.chunks", ChunksRequest, ChunksResponse)
+register("test.record", RecordRequest, RecordResponse)
 
 
 class Gates:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import trio
 import trio.testing
@@ -11,23 +9,17 @@ import trio.testing
 from dlog.errors import NetworkError, NotLeaderError
 from dlog.net.client import ClientConfig, RpcConnection
 from dlog.net.framing import encode_frame
-from dlog.net.messages import EchoRequest, EchoResponse, Message, register
+from dlog.net.messages import EchoRequest, EchoResponse
 from dlog.net.server import Deferred, Route, RpcServer
-from tests.unit.net.rpc_fixtures import FailRequest, Gates, WaitRequest, make_server
+from tests.unit.net.rpc_fixtures import (
+    FailRequest,
+    Gates,
+    RecordRequest,
+    RecordResponse,
+    WaitRequest,
+    make_server,
+)
 from tests.unit.net.test_rpc_memory import connected, read_frames
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecordRequest(Message):
-    n: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecordResponse(Message):
-    pass
-
-
-register("test.record", RecordRequest, RecordResponse)
 
 
 async def test_oneway_request_is_handled_and_not_answered() -> None:
