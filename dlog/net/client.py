@@ -58,6 +58,11 @@ from dlog.net.writer import FrameWriter
 
 log = logging.getLogger(__name__)
 
+#: How long the reader task stays parked after a caller read its own answer and
+#: nothing else is in flight: back-to-back lone calls then never wake it, and a
+#: connection the server closes while idle is noticed this much later at most.
+_READER_RESUME_S = 0.01
+
 _M = TypeVar("_M", bound=Message)
 
 
@@ -175,6 +180,8 @@ class PendingCall:
         if conn._fd is not None and conn._direct_call is None and len(conn._pending) == 1:
             await conn._read_for(self)
         if not self._done:
+            if conn._reader_parked and conn._direct_call is None:
+                conn._wake_reader()  # nobody reads for us: the reader task must
             if self._event is None:
                 self._event = trio.Event()
             await self._event.wait()
@@ -231,6 +238,11 @@ class RpcConnection:
         self._direct_call: PendingCall | None = None
         self._direct_scope: trio.CancelScope | None = None
         self._reader_scope: trio.CancelScope | None = None
+        # The reader task stays parked after a caller's read while nothing is in
+        # flight, so back-to-back lone calls cost it no wake-ups; it is woken as soon
+        # as a call needs it, and resumes by itself after _READER_RESUME_S to notice a
+        # connection closed while idle.
+        self._reader_parked = False
         self._reader_back = trio.Event()
 
     @property
@@ -343,8 +355,11 @@ class RpcConnection:
         receive_bytes = self.config.receive_bytes
         drained = True
         while True:
-            if self._direct_call is not None:
-                await self._reader_back.wait()
+            if self._reader_parked:
+                with trio.move_on_after(_READER_RESUME_S):
+                    await self._reader_back.wait()
+                if self._direct_call is None:
+                    self._reader_parked = False
                 drained = True
                 continue
             if drained:
@@ -385,7 +400,9 @@ class RpcConnection:
         fd = self._fd
         assert fd is not None
         self._direct_call = call
-        self._reader_back = trio.Event()
+        if self._reader_back.is_set():  # (an unset one may have the reader waiting on it)
+            self._reader_back = trio.Event()
+        self._reader_parked = True
         if self._reader_scope is not None:
             self._reader_scope.cancel()  # trio aborts its wait now: the socket is ours
         receive_bytes = self.config.receive_bytes
@@ -418,7 +435,12 @@ class RpcConnection:
             self.close(f"read failed: {exc}")
         finally:
             self._direct_call = None
-            self._reader_back.set()
+            if self._pending:
+                self._wake_reader()  # other calls' answers are coming: the reader reads them
+
+    def _wake_reader(self) -> None:
+        self._reader_parked = False
+        self._reader_back.set()
 
     def _feed(self, data: bytes | bytearray) -> bool:
         """Decode ``data`` and resolve the calls it answers; False on a protocol error

@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from dlog.errors import NetworkError, RequestTimedOutError
+from dlog.net import client as client_module
 from dlog.net.client import ClientConfig, RpcConnection, open_rpc_pool
 from dlog.net.framing import encode_frame, encode_header
 from dlog.net.messages import EchoRequest, EchoResponse, payload_bytes
@@ -250,6 +251,52 @@ async def test_calls_started_while_one_reads_itself_get_their_answers() -> None:
             gates.open("c")  # read by the reader task again
         assert answers == {"a": "a", "b": "b", "c": "c"}
         assert conn._direct_call is None
+
+
+async def test_the_reader_task_stays_parked_between_lone_calls_and_is_woken_when_needed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Parked for an hour unless woken: only the explicit wake-ups can serve the
+    # calls below, so a missing one hangs the test instead of hiding behind the
+    # reader's periodic resume.
+    monkeypatch.setattr(client_module, "_READER_RESUME_S", 3600.0)
+    async with tcp_connection() as (gates, _, conn):
+        for i in range(3):
+            resp = await conn.call(EchoRequest(data=i))
+            assert isinstance(resp, EchoResponse) and resp.data == i
+            assert conn._reader_parked  # no hand-back between lone calls
+        # Two calls in flight before anyone waits: neither may read for itself, so
+        # waiting wakes the reader task.
+        first = await conn.start_call(WaitRequest(gate="a"))
+        second = await conn.start_call(WaitRequest(gate="b"))
+        gates.open("a")
+        gates.open("b")
+        with trio.fail_after(10):
+            assert isinstance(await first.result(), WaitResponse)
+            assert isinstance(await second.result(), WaitResponse)
+        assert not conn._reader_parked
+        # A caller reading for itself that leaves another call in flight wakes the
+        # reader task on its way out.
+        await conn.call(EchoRequest(data="parks the reader again"))
+        assert conn._reader_parked
+        answered: list[str] = []
+
+        async def lone() -> None:
+            await conn.call(WaitRequest(gate="c"))
+            answered.append("c")
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as callers:
+                callers.start_soon(lone)
+                await wait_until(lambda: conn._direct_call is not None)
+                later = await conn.start_call(WaitRequest(gate="d"))
+                callers.start_soon(later.wait)  # waits while "c"'s caller reads
+                await trio.testing.wait_all_tasks_blocked()
+                gates.open("c")
+                await wait_until(lambda: answered == ["c"])
+                assert conn._direct_call is None and not conn._reader_parked
+                gates.open("d")
+            assert isinstance(await later.result(), WaitResponse)
 
 
 async def test_a_call_awaited_twice_survives_one_waiter_giving_up() -> None:
