@@ -38,7 +38,7 @@ lint: $(TEST_STAMP)
 	$(BIN)/mypy
 
 bench: $(RUN_STAMP)
-	@for script in bench/*.py; do \
+	@for script in bench/[!_]*.py; do \
 		echo "== $$script"; \
 		$(BIN)/python $$script || exit 1; \
 	done

@@ -5,7 +5,11 @@ Runs, each against a fresh local cluster (separate node processes on 127.0.0.1):
 1. 1 node, acks=leader: records/s and MB/s of 100-byte unique values via send_many;
 2. 3 nodes, RF 3, acks=all: the same;
 3. 3 nodes, acks=all: produce-to-ack latency p50/p99 at 1,000 records/s (send_nowait,
-   one record at a time, linger 0).
+   one record at a time, linger 0);
+4. the latency baseline, same rate and length (bench/_relay.py): the same four-process
+   chain (client -> leader -> two followers -> leader -> client) carrying bare
+   100-byte messages, once over blocking sockets and once over trio streams, so the
+   machine's own tail at this rate is measured in the same run.
 
 Every throughput run is verified afterwards: a consumer reads the topic back and the
 record count and checksum must match what was acknowledged. Figures are medians of
@@ -32,6 +36,7 @@ from _harness import (
     median,
     percentile,
 )
+from _relay import STACKS, relay_latencies
 from dlogctl import workloads
 
 import dlog
@@ -93,6 +98,7 @@ def main() -> None:
         samples = trio.run(
             latency, [n.rpc for n in spec.nodes], "bench-latency", args.latency_seconds, 1000
         )
+    relay = {stack: relay_latencies(stack, 1000, args.latency_seconds) for stack in STACKS}
     r1 = median(runs["1node"])
     r3 = median(runs["3node"])
     result = {
@@ -103,6 +109,11 @@ def main() -> None:
         "latency_p50_ms": round(percentile(samples, 50), 3),
         "latency_p99_ms": round(percentile(samples, 99), 3),
         "latency_samples": len(samples),
+        **{
+            f"relay_{stack}_p{p}_ms": round(percentile(relay[stack], p), 3)
+            for stack in STACKS
+            for p in (50, 99)
+        },
         "repeat": args.repeat,
         "seconds": args.seconds,
         "partitions": args.partitions,
@@ -127,6 +138,13 @@ def main() -> None:
         f"p99 {result['latency_p99_ms']} ms",
         "p99 <= 2 ms",
     )
+    for stack in STACKS:
+        table.add_row(
+            f"  baseline: relay, {stack}",
+            f"p50 {result[f'relay_{stack}_p50_ms']} ms",
+            f"p99 {result[f'relay_{stack}_p99_ms']} ms",
+            "",
+        )
     Console().print(table)
     print(json.dumps(result))
 

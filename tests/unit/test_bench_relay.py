@@ -1,0 +1,19 @@
+"""bench/_relay.py, the latency baseline bench/produce.py runs: every message is answered."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from _relay import STACKS, relay_latencies  # noqa: E402
+
+
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_relay_answers_every_message_after_the_warmup(stack: str) -> None:
+    samples = relay_latencies(stack, rate=1000, seconds=0.5)
+    assert len(samples) == 500 - 200
+    assert all(ms > 0 for ms in samples)
