@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import trio
 import trio.testing
 
+import dlog
 from dlog.client.partitioner import partition_for_key
 from dlog.errors import (
     CorruptRecordError,
@@ -14,10 +17,17 @@ from dlog.errors import (
     RequestTimedOutError,
     UnknownTopicOrPartitionError,
 )
+from dlog.net.client import ClientConfig
 from dlog.net.messages import payload_bytes
 from dlog.net.protocol import ProduceRequest
 from dlog.storage.batch import iter_batch_headers
-from tests.unit.client.fake_broker import DROP, DROP_AFTER_APPEND, FakeCluster, open_fake_cluster
+from tests.unit.client.fake_broker import (
+    DROP,
+    DROP_AFTER_APPEND,
+    FakeCluster,
+    MemoryRpcPool,
+    open_fake_cluster,
+)
 
 
 def produce_requests(cluster: FakeCluster) -> list[tuple[int, ProduceRequest]]:
@@ -548,3 +558,52 @@ async def test_a_hung_leader_is_abandoned_once_the_partition_moves(
                 cluster.move_leader("t", 0, 2)
             assert trio.current_time() - start < 5  # not the 30 s request timeout
         assert cluster.partition("t", 0).values()[-1] == b"during"
+
+
+async def test_acks_none_to_a_broker_that_stops_reading_fails_within_the_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The leader of partition 0 accepts the connection and never reads it: a one-way
+    # send waits for room in the connection's buffer at most request_timeout_ms, then
+    # fails retriably ("not reading its connection"), until the record's delivery
+    # timeout gives up -- instead of holding the producer forever.
+    async with open_fake_cluster(2) as cluster:
+        cluster.create_topic("t", 1, leaders=[2])
+        stalled = cluster.brokers[2].address
+        unread: list[trio.abc.Stream] = []
+
+        class StallingPool(MemoryRpcPool):
+            async def _open_stream(self, address: str) -> trio.abc.Stream:
+                if address != stalled:
+                    return await super()._open_stream(address)
+                client_side, server_side = trio.testing.lockstep_stream_pair()
+                unread.append(server_side)  # kept open, never read
+                return client_side
+
+        rng = random.Random(7)
+        config = ClientConfig(max_outbox_bytes=1024)
+        async with trio.open_nursery() as nursery:
+            pool = StallingPool(nursery, config, rng, cluster)
+            async with dlog.connect(
+                cluster.brokers[1].address, pool=pool, clock=cluster.clock, rng=rng
+            ) as client:
+                await client.wait_for_topic("t")
+                async with client.producer(
+                    acks="none", linger_ms=0, request_timeout_ms=2_000, delivery_timeout_ms=10_000
+                ) as producer:
+
+                    async def send_records() -> None:
+                        for i in range(100):
+                            await producer.send("t", b"%d" % i + b"x" * 4000)
+
+                    start = trio.current_time()
+                    with (
+                        trio.fail_after(60),
+                        pytest.raises(RequestTimedOutError, match="not reading its connection"),
+                    ):
+                        await send_records()
+                    # Within the delivery timeout (retries included), not forever.
+                    assert trio.current_time() - start <= 10 + 2 + 1
+                    assert unread, "the producer never reached the stalled leader"
+            pool.close()
+            nursery.cancel_scope.cancel()
