@@ -154,7 +154,7 @@ class PendingCall:
                 await self._wait_done()
             except BaseException:
                 if self._waiters == 1:  # the last one waiting gives up on the answer
-                    self._conn._forget(self)
+                    self.forget()  # (resolved too: a later result() raises, never hangs)
                 raise
             finally:
                 self._waiters -= 1
@@ -244,6 +244,9 @@ class RpcConnection:
         # connection closed while idle.
         self._reader_parked = False
         self._reader_back = trio.Event()
+        # The parked reader's wait: no deadline while a caller reads, _READER_RESUME_S
+        # once nothing is in flight (so a long lone call costs it no timer wake-ups).
+        self._park_scope: trio.CancelScope | None = None
 
     @property
     def is_closed(self) -> bool:
@@ -356,8 +359,13 @@ class RpcConnection:
         drained = True
         while True:
             if self._reader_parked:
-                with trio.move_on_after(_READER_RESUME_S):
-                    await self._reader_back.wait()
+                resume = math.inf if self._direct_call is not None else _READER_RESUME_S
+                with trio.CancelScope(deadline=trio.current_time() + resume) as park:
+                    self._park_scope = park
+                    try:
+                        await self._reader_back.wait()
+                    finally:
+                        self._park_scope = None
                 if self._direct_call is None:
                     self._reader_parked = False
                 drained = True
@@ -403,6 +411,8 @@ class RpcConnection:
         if self._reader_back.is_set():  # (an unset one may have the reader waiting on it)
             self._reader_back = trio.Event()
         self._reader_parked = True
+        if self._park_scope is not None:
+            self._park_scope.deadline = math.inf  # parked until we are done
         if self._reader_scope is not None:
             self._reader_scope.cancel()  # trio aborts its wait now: the socket is ours
         receive_bytes = self.config.receive_bytes
@@ -437,6 +447,8 @@ class RpcConnection:
             self._direct_call = None
             if self._pending:
                 self._wake_reader()  # other calls' answers are coming: the reader reads them
+            elif self._park_scope is not None:
+                self._park_scope.deadline = trio.current_time() + _READER_RESUME_S
 
     def _wake_reader(self) -> None:
         self._reader_parked = False

@@ -273,8 +273,9 @@ async def test_the_reader_task_stays_parked_between_lone_calls_and_is_woken_when
         gates.open("b")
         with trio.fail_after(10):
             assert isinstance(await first.result(), WaitResponse)
+            # (Woken for "a"; "b" may come in a later read that its own caller makes.)
+            assert not conn._reader_parked
             assert isinstance(await second.result(), WaitResponse)
-        assert not conn._reader_parked
         # A caller reading for itself that leaves another call in flight wakes the
         # reader task on its way out.
         await conn.call(EchoRequest(data="parks the reader again"))
@@ -297,6 +298,50 @@ async def test_the_reader_task_stays_parked_between_lone_calls_and_is_woken_when
                 assert conn._direct_call is None and not conn._reader_parked
                 gates.open("d")
             assert isinstance(await later.result(), WaitResponse)
+
+
+class _ReaderSteps(trio.abc.Instrument):
+    """Counts the task steps of connections' reader tasks."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("RpcConnection.run"):
+            self.steps += 1
+
+
+async def test_a_long_lone_call_leaves_the_parked_reader_asleep() -> None:
+    # A long poll alone on its connection (a follower's fetch, a consumer's) reads for
+    # itself; the reader task must not wake on a timer meanwhile.
+    async with tcp_connection() as (gates, _, conn):
+        counter = _ReaderSteps()
+        trio.lowlevel.add_instrument(counter)
+        try:
+
+            async def open_later() -> None:
+                await trio.sleep(0.3)  # the call lasts this long
+                gates.open("g")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(open_later)
+                await conn.call(WaitRequest(gate="g"))
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.steps <= 3  # stepping aside; a timer every 10 ms would be ~30
+
+
+async def test_result_after_a_cancelled_result_raises_at_once() -> None:
+    async with tcp_connection() as (gates, _, conn):
+        call = await conn.start_call(WaitRequest(gate="g"), timeout=30)
+        with trio.move_on_after(0.1):
+            await call.result()
+        assert call.done and conn.in_flight == 0  # the last waiter gave up: forgotten
+        with trio.fail_after(5), pytest.raises(RequestTimedOutError, match="forgotten"):
+            await call.result()
+        gates.open("g")  # its late answer is dropped
+        resp = await conn.call(EchoRequest(data="after"))
+        assert isinstance(resp, EchoResponse) and resp.data == "after"
 
 
 async def test_a_call_awaited_twice_survives_one_waiter_giving_up() -> None:
