@@ -244,9 +244,13 @@ class RpcConnection:
         # connection closed while idle.
         self._reader_parked = False
         self._reader_back = trio.Event()
-        # The parked reader's wait: no deadline while a caller reads, _READER_RESUME_S
-        # once nothing is in flight (so a long lone call costs it no timer wake-ups).
+        # The parked reader resumes _READER_RESUME_S after the last caller's read
+        # ended, never while one reads (a long lone call costs it no wake-ups). Its
+        # deadline is moved only when it was parked without one: back-to-back lone
+        # calls cost at most one reader wake-up per _READER_RESUME_S, no deadline
+        # changes per call.
         self._park_scope: trio.CancelScope | None = None
+        self._direct_read_ended = -math.inf
 
     @property
     def is_closed(self) -> bool:
@@ -359,15 +363,15 @@ class RpcConnection:
         drained = True
         while True:
             if self._reader_parked:
-                resume = math.inf if self._direct_call is not None else _READER_RESUME_S
-                with trio.CancelScope(deadline=trio.current_time() + resume) as park:
+                with trio.CancelScope(deadline=self._resume_at()) as park:
                     self._park_scope = park
                     try:
                         await self._reader_back.wait()
                     finally:
                         self._park_scope = None
-                if self._direct_call is None:
-                    self._reader_parked = False
+                if self._reader_parked and self._resume_at() > trio.current_time():
+                    continue  # callers are still reading for themselves: park again
+                self._reader_parked = False
                 drained = True
                 continue
             if drained:
@@ -411,8 +415,6 @@ class RpcConnection:
         if self._reader_back.is_set():  # (an unset one may have the reader waiting on it)
             self._reader_back = trio.Event()
         self._reader_parked = True
-        if self._park_scope is not None:
-            self._park_scope.deadline = math.inf  # parked until we are done
         if self._reader_scope is not None:
             self._reader_scope.cancel()  # trio aborts its wait now: the socket is ours
         receive_bytes = self.config.receive_bytes
@@ -447,8 +449,17 @@ class RpcConnection:
             self._direct_call = None
             if self._pending:
                 self._wake_reader()  # other calls' answers are coming: the reader reads them
-            elif self._park_scope is not None:
-                self._park_scope.deadline = trio.current_time() + _READER_RESUME_S
+            else:
+                self._direct_read_ended = now = trio.current_time()
+                park = self._park_scope
+                if park is not None and park.deadline == math.inf:
+                    park.deadline = now + _READER_RESUME_S
+
+    def _resume_at(self) -> float:
+        """When the parked reader resumes reading by itself."""
+        if self._direct_call is not None:
+            return math.inf
+        return self._direct_read_ended + _READER_RESUME_S
 
     def _wake_reader(self) -> None:
         self._reader_parked = False
