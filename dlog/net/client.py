@@ -142,7 +142,7 @@ class PendingCall:
     async def result(self) -> Message:
         """Wait for the response; raises the server's error, NetworkError or
         RequestTimedOutError. Cancelling the last waiter forgets the call (a late
-        answer is dropped).
+        answer is dropped, and ``result()`` raises RequestTimedOutError from then on).
 
         When the response is already there this returns without a checkpoint, so a
         loop that drains finished calls and starts new ones does so in one scheduling
@@ -239,16 +239,14 @@ class RpcConnection:
         self._direct_scope: trio.CancelScope | None = None
         self._reader_scope: trio.CancelScope | None = None
         # The reader task stays parked after a caller's read while nothing is in
-        # flight, so back-to-back lone calls cost it no wake-ups; it is woken as soon
-        # as a call needs it, and resumes by itself after _READER_RESUME_S to notice a
-        # connection closed while idle.
+        # flight, so back-to-back lone calls cost it no wake-ups. It is woken as soon
+        # as a call needs it (_wake_reader), and resumes by itself _READER_RESUME_S
+        # after the last caller's read ended (never while one reads) to notice a
+        # connection closed while idle. Its park deadline is set only when it parked
+        # without one, so lone calls cost at most one reader wake-up per
+        # _READER_RESUME_S and no deadline change each.
         self._reader_parked = False
         self._reader_back = trio.Event()
-        # The parked reader resumes _READER_RESUME_S after the last caller's read
-        # ended, never while one reads (a long lone call costs it no wake-ups). Its
-        # deadline is moved only when it was parked without one: back-to-back lone
-        # calls cost at most one reader wake-up per _READER_RESUME_S, no deadline
-        # changes per call.
         self._park_scope: trio.CancelScope | None = None
         self._direct_read_ended = -math.inf
 
