@@ -223,6 +223,9 @@ class LogSegment:
         self._bytes_since_last_index_entry = 0
         #: (offset, position) of a batch start the last read ended at; see plan_read.
         self._read_hint: tuple[int, int] | None = None
+        #: (offset, position) of the last append's first batch: where readers that
+        #: were caught up (followers, tailing consumers) all come next.
+        self._tail_hint: tuple[int, int] | None = None
         self._refs = 1
         self._deleted = False
         self._closed = False
@@ -361,6 +364,7 @@ class LogSegment:
         self._bytes_since_last_index_entry = since
         self.size = start + total
         self.next_offset = offset
+        self._tail_hint = (first_offset, start)
         self._dirty_seq += 1
         return offset
 
@@ -456,6 +460,9 @@ class LogSegment:
         hint = self._read_hint
         if hint is not None and hint[0] == offset:
             return hint[1], offset
+        hint = self._tail_hint
+        if hint is not None and hint[0] == offset:
+            return hint[1], offset
         header = self.translate_offset(offset)
         if header is None:
             return None
@@ -508,7 +515,7 @@ class LogSegment:
         self.max_timestamp_so_far = -1
         self.offset_of_max_timestamp = self.base_offset
         self._bytes_since_last_index_entry = 0
-        self._read_hint = None
+        self._read_hint = self._tail_hint = None
         file_size = os.fstat(self._fd).st_size
         valid_end = 0
         next_offset = self.base_offset
@@ -595,7 +602,7 @@ class LogSegment:
         if header is None:
             return 0
         removed = self.size - header.position
-        self._read_hint = None
+        self._read_hint = self._tail_hint = None
         os.ftruncate(self._fd, header.position)
         self.size = header.position
         self.next_offset = header.base_offset

@@ -100,6 +100,37 @@ def test_translate_and_plan_read(tmp_path: Path, make_batch: MakeBatch) -> None:
     segment.close()
 
 
+def test_readers_at_the_end_find_the_next_batch_without_a_lookup(
+    tmp_path: Path, make_batch: MakeBatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Caught-up readers (two followers, say) read to the end, then all fetch the next
+    # offset once a batch is appended there: found without the index or a header walk.
+    segment = new_segment(tmp_path)
+    fill(segment, make_batch, 5)
+    end, size = segment.next_offset, segment.size
+    assert end is not None
+    for _ in range(2):
+        plan = segment.plan_read(BASE, 1 << 20, end, end, min_one_batch=True)
+        assert plan is not None and (plan.size, plan.next_offset) == (size, end)
+    batch = make_batch(3)
+    new_end = append(segment, batch, end)
+
+    def no_lookup(offset: int, start_position: int = 0) -> None:
+        raise AssertionError("looked up instead of using the hint")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(segment, "translate_offset", no_lookup)
+        for _ in range(2):
+            plan = segment.plan_read(end, 1 << 20, new_end, new_end, min_one_batch=True)
+            assert plan is not None
+            assert (plan.position, plan.size, plan.next_offset) == (size, len(batch), new_end)
+    assert segment.read_bytes(size, len(batch)) == batch
+    # Truncated away, the hint is gone with it.
+    segment.truncate_to(end)
+    assert segment.plan_read(end, 1 << 20, end, end, min_one_batch=True) is None
+    segment.close()
+
+
 def test_recover_rebuilds_the_same_indexes(tmp_path: Path, make_batch: MakeBatch) -> None:
     segment = new_segment(tmp_path, interval=60)
     fill(segment, make_batch, 50)
