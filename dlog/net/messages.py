@@ -81,6 +81,9 @@ class _FieldPlan:
     required: bool
     encode: _Encoder | None  # None: the value is already CBOR-ready
     decode: _Decoder | None
+    #: Straight to CBOR bytes, for types :func:`_cbor_encoder` knows (nested structs
+    #: and sequences of them); None: ``_cbor_value(encode(value))``.
+    cbor: Callable[[Any], bytes] | None = None
 
 
 _PLANS: dict[type, tuple[_FieldPlan, ...]] = {}
@@ -116,6 +119,30 @@ def _converters(tp: Any) -> tuple[_Encoder | None, _Decoder | None]:
             return _optional(enc), _optional(dec)
         return None, None
     return None, None
+
+
+def _cbor_encoder(tp: Any) -> Callable[[Any], bytes] | None:
+    """A field type's values straight to CBOR bytes, byte for byte what cbor2 makes of
+    the CBOR-ready value: nested structs (their generated encoder, no dict in between)
+    and sequences and optionals of them. None for any other type."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, Struct | Message):
+        return body_cbor
+    if origin in (list, tuple, Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item = _cbor_encoder(args[0]) if len(args) == 1 else None
+        if item is None:
+            return None
+
+        def encode_array(value: Any) -> bytes:
+            head = cbor_uint(len(value))  # major type 0, made type 4 (array)
+            return b"".join([bytes((head[0] | 0x80,)), head[1:], *[item(v) for v in value]])
+
+        return encode_array
+    if origin in (Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _cbor_encoder(members[0]) if len(members) == 1 else None
+    return None
 
 
 def _optional(fn: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
@@ -200,7 +227,7 @@ def _plan(cls: type) -> tuple[_FieldPlan, ...]:
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         enc, dec = _converters(hints[f.name])
-        fields.append(_FieldPlan(f.name, required, enc, dec))
+        fields.append(_FieldPlan(f.name, required, enc, dec, _cbor_encoder(hints[f.name])))
     plan = tuple(fields)
     _PLANS[cls] = plan
     return plan
@@ -279,6 +306,7 @@ def _codec(cls: type) -> _Codec:
         "dict": dict,
         "isinstance": isinstance,
         "cv": _cbor_value,
+        "NULL": b"\xf6",
     }
     enc_items = []
     # CBOR: the map's head and each key are constants (k0 holds the head too).
@@ -297,12 +325,17 @@ def _codec(cls: type) -> _Codec:
         ns[f"k{i}"] = ns.get(f"k{i}", b"") + cbor_text(name)
         if f.encode is None:
             enc_items.append(f"{name!r}: value.{name}")
-            cbor_items.append(f"k{i}, cv(value.{name})")
         else:
             ns[f"enc{i}"] = f.encode
             enc_items.append(
                 f"{name!r}: (None if (v{i} := value.{name}) is None else enc{i}(v{i}))"
             )
+        if f.cbor is not None:  # (None stays CBOR null, as the generic path has it)
+            ns[f"cbor{i}"] = f.cbor
+            cbor_items.append(f"k{i}, (NULL if (v{i} := value.{name}) is None else cbor{i}(v{i}))")
+        elif f.encode is None:
+            cbor_items.append(f"k{i}, cv(value.{name})")
+        else:
             cbor_items.append(f"k{i}, cv(None if (v{i} := value.{name}) is None else enc{i}(v{i}))")
         dec_lines.append(f"    v{i} = get({name!r}, MISSING)")
         dec_lines.append(f"    if v{i} is MISSING:")
