@@ -88,7 +88,7 @@ def encode_header(header: dict[str, Any], payload_length: int = 0) -> bytes:
 _U16: Final = struct.Struct(">H")
 _U64: Final = struct.Struct(">Q")
 _SMALL_UINTS: Final = tuple(bytes((n,)) if n < 24 else bytes((0x18, n)) for n in range(256))
-_MAP_HEADS: Final = tuple(bytes((0xA0 + n,)) for n in range(24))
+_MAP_HEADS: Final = tuple(bytes((0xA0 + n,)) for n in range(24))  # CBOR_MAP + n
 
 
 def cbor_uint(n: int) -> bytes:
@@ -102,14 +102,26 @@ def cbor_uint(n: int) -> bytes:
     return b"\x1b" + _U64.pack(n)
 
 
+#: CBOR major types, as the top three bits of an item's first byte.
+CBOR_TEXT: Final = 0x60
+CBOR_ARRAY: Final = 0x80
+CBOR_MAP: Final = 0xA0
+
+
+def cbor_head(major: int, n: int) -> bytes:
+    """The head of a CBOR item of major type ``major`` (e.g. :data:`CBOR_ARRAY`) with
+    argument ``n`` (a length): :func:`cbor_uint`'s encoding with the type bits set."""
+    head = cbor_uint(n)  # major type 0: its top three bits are 0
+    return bytes((head[0] | major,)) + head[1:]
+
+
 def cbor_text(text: str) -> bytes:
     """The CBOR encoding of a text string."""
     data = text.encode()
     n = len(data)
     if n < 24:
-        return bytes((0x60 + n,)) + data
-    head = cbor_uint(n)  # major type 0 (its top three bits are 0), made type 3
-    return bytes((head[0] | 0x60,)) + head[1:] + data
+        return bytes((CBOR_TEXT + n,)) + data
+    return cbor_head(CBOR_TEXT, n) + data
 
 
 def encode_call_header(

@@ -35,7 +35,7 @@ from typing import Any, TypeVar, Union
 import cbor2
 
 from dlog.errors import ProtocolError, UnsupportedVersionError
-from dlog.net.framing import cbor_text, cbor_uint
+from dlog.net.framing import CBOR_ARRAY, CBOR_MAP, cbor_head, cbor_text, cbor_uint
 
 #: A payload as a handler may return it: one buffer or several chunks (e.g. file
 #: slices) that are written one after another without being joined.
@@ -135,8 +135,7 @@ def _cbor_encoder(tp: Any) -> Callable[[Any], bytes] | None:
             return None
 
         def encode_array(value: Any) -> bytes:
-            head = cbor_uint(len(value))  # major type 0, made type 4 (array)
-            return b"".join([bytes((head[0] | 0x80,)), head[1:], *[item(v) for v in value]])
+            return b"".join([cbor_head(CBOR_ARRAY, len(value)), *[item(v) for v in value]])
 
         return encode_array
     if origin in (Union, types.UnionType):
@@ -311,8 +310,7 @@ def _codec(cls: type) -> _Codec:
     enc_items = []
     # CBOR: the map's head and each key are constants (k0 holds the head too).
     cbor_items = []
-    map_head = cbor_uint(len(plan))  # major type 0 (top three bits 0), made type 5
-    ns["k0"] = bytes((map_head[0] | 0xA0,)) + map_head[1:]
+    ns["k0"] = cbor_head(CBOR_MAP, len(plan))
     dec_lines = [
         "def decode(body, payload):",
         "    if not isinstance(body, dict):",

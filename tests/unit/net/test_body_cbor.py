@@ -18,7 +18,10 @@ import dlog.net.protocol  # noqa: F401
 import dlog.raft.transport  # noqa: F401
 from dlog.net import messages
 from dlog.net.framing import (
+    CBOR_ARRAY,
+    CBOR_MAP,
     FrameDecoder,
+    cbor_head,
     cbor_text,
     cbor_uint,
     encode_call_header,
@@ -54,6 +57,15 @@ def test_cbor_uint_is_cbor2s(n: int) -> None:
 @given(st.text())
 def test_cbor_text_is_cbor2s(text: str) -> None:
     assert cbor_text(text) == cbor2.dumps(text)
+
+
+@given(st.integers(min_value=0, max_value=70_000))
+def test_cbor_heads_are_cbor2s(n: int) -> None:
+    assert cbor_head(CBOR_ARRAY, n) + b"\xf6" * n == cbor2.dumps([None] * n)
+    assert (
+        cbor_head(CBOR_MAP, n)
+        == cbor2.dumps({i: None for i in range(n)})[: len(cbor_head(CBOR_MAP, n))]
+    )
 
 
 def _registered_types() -> list[type[messages.Message]]:
