@@ -81,67 +81,66 @@ class _FieldPlan:
     required: bool
     encode: _Encoder | None  # None: the value is already CBOR-ready
     decode: _Decoder | None
-    #: Straight to CBOR bytes, for types :func:`_cbor_encoder` knows (nested structs
-    #: and sequences of them); None: ``_cbor_value(encode(value))``.
-    cbor: Callable[[Any], bytes] | None = None
+    #: Straight to CBOR bytes (nested structs, sequences and optionals of them; see
+    #: :func:`_converters`); None: ``_cbor_value(encode(value))``.
+    cbor: Callable[[Any], bytes] | None
 
 
 _PLANS: dict[type, tuple[_FieldPlan, ...]] = {}
 
 
-def _converters(tp: Any) -> tuple[_Encoder | None, _Decoder | None]:
-    """How to turn a field of type ``tp`` into CBOR values and back."""
+_CborEncoder = Callable[[Any], bytes]
+
+
+def _converters(tp: Any) -> tuple[_Encoder | None, _Decoder | None, _CborEncoder | None]:
+    """How to turn a field of type ``tp`` into CBOR values and back, and (for nested
+    structs and sequences and optionals of them) straight into CBOR bytes, byte for
+    byte what cbor2 makes of the CBOR-ready value but with no dict in between."""
     origin = typing.get_origin(tp)
     if isinstance(tp, type) and issubclass(tp, Struct | Message):
         # A message nested in another travels as its body (its payload is not carried).
-        return _encode_struct, _struct_decoder(tp)
+        return _encode_struct, _struct_decoder(tp), body_cbor
     if origin in (list, tuple, Sequence):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         if len(args) == 1:
-            enc, dec = _converters(args[0])
+            enc, dec, cbor = _converters(args[0])
             make: Callable[[Any], Any] = tuple if origin is tuple else list
             if enc is None and dec is None:
-                return None, _sequence_checker(make)
-            return _sequence_encoder(enc), _sequence_decoder(dec, make)
-        return None, None
+                return None, _sequence_checker(make), None
+            return _sequence_encoder(enc), _sequence_decoder(dec, make), _array_cbor(cbor)
+        return None, None, None
     if origin is dict:
         _key_t, val_t = typing.get_args(tp)
-        enc, dec = _converters(val_t)
+        enc, dec, _ = _converters(val_t)
         if enc is None and dec is None:
-            return None, _mapping_checker
-        return _mapping_encoder(enc), _mapping_decoder(dec)
+            return None, _mapping_checker, None
+        return _mapping_encoder(enc), _mapping_decoder(dec), None
     if origin in (Union, types.UnionType):
         members = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(members) == 1:
-            enc, dec = _converters(members[0])
+            enc, dec, cbor = _converters(members[0])
             if enc is None and dec is None:
-                return None, None
-            return _optional(enc), _optional(dec)
-        return None, None
-    return None, None
+                return None, None, None
+            return _optional(enc), _optional(dec), None if cbor is None else _optional_cbor(cbor)
+        return None, None, None
+    return None, None, None
 
 
-def _cbor_encoder(tp: Any) -> Callable[[Any], bytes] | None:
-    """A field type's values straight to CBOR bytes, byte for byte what cbor2 makes of
-    the CBOR-ready value: nested structs (their generated encoder, no dict in between)
-    and sequences and optionals of them. None for any other type."""
-    origin = typing.get_origin(tp)
-    if isinstance(tp, type) and issubclass(tp, Struct | Message):
-        return body_cbor
-    if origin in (list, tuple, Sequence):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        item = _cbor_encoder(args[0]) if len(args) == 1 else None
-        if item is None:
-            return None
+def _array_cbor(item: _CborEncoder | None) -> _CborEncoder | None:
+    if item is None:
+        return None
 
-        def encode_array(value: Any) -> bytes:
-            return b"".join([cbor_head(CBOR_ARRAY, len(value)), *[item(v) for v in value]])
+    def encode(value: Any) -> bytes:
+        return b"".join([cbor_head(CBOR_ARRAY, len(value)), *[item(v) for v in value]])
 
-        return encode_array
-    if origin in (Union, types.UnionType):
-        members = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _cbor_encoder(members[0]) if len(members) == 1 else None
-    return None
+    return encode
+
+
+def _optional_cbor(fn: _CborEncoder) -> _CborEncoder:
+    def encode(value: Any) -> bytes:
+        return b"\xf6" if value is None else fn(value)
+
+    return encode
 
 
 def _optional(fn: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
@@ -225,8 +224,7 @@ def _plan(cls: type) -> tuple[_FieldPlan, ...]:
         if f.name == "payload":
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        enc, dec = _converters(hints[f.name])
-        fields.append(_FieldPlan(f.name, required, enc, dec, _cbor_encoder(hints[f.name])))
+        fields.append(_FieldPlan(f.name, required, *_converters(hints[f.name])))
     plan = tuple(fields)
     _PLANS[cls] = plan
     return plan

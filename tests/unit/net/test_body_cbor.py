@@ -157,3 +157,21 @@ def test_reply_header_decodes_to_the_map_encode_header_makes(
 ) -> None:
     head = encode_reply_header(cid, cbor2.dumps(body), size)
     assert head == encode_header({"i": cid, "b": body}, size)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Leaf(messages.Struct):
+    n: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Nested(messages.Struct):
+    items: list[_Leaf | None]
+    maybe: _Leaf | None = None
+    groups: tuple[list[_Leaf], ...] = ()
+
+
+@settings(max_examples=50, deadline=None)
+@given(_instances(_Nested))
+def test_body_cbor_of_nested_optionals_and_sequences_is_cbor2s(value: _Nested) -> None:
+    assert messages.body_cbor(value) == cbor2.dumps(messages.to_body(value))
