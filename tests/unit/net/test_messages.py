@@ -119,3 +119,55 @@ def test_optional_fields_keep_their_values() -> None:
     assert body == {"names": ["a", "b"], "parts": [{"partition": 1, "size": 0}]}
     assert from_body(OptionalListRequest, body) == req
     assert from_body(OptionalListRequest, {"names": None}) == OptionalListRequest()
+
+
+def _every_replaced_init() -> dict[type, object]:
+    # Importing the layers registers all their operations (and their nested structs).
+    import dlog.gossip.node
+    import dlog.net.protocol
+    import dlog.raft.transport  # noqa: F401
+    from dlog.net.messages import _DATACLASS_INITS
+
+    return dict(_DATACLASS_INITS)
+
+
+def test_fast_inits_cover_the_registered_messages_and_their_structs() -> None:
+    from dlog.net.protocol import FetchPartition, FetchRequest, ProduceRequest
+
+    replaced = _every_replaced_init()
+    for cls in (FetchRequest, FetchPartition, ProduceRequest, NestedRequest, TopicData, Part):
+        assert cls in replaced, cls
+
+
+def test_fast_inits_take_and_build_exactly_what_the_dataclass_inits_do() -> None:
+    import dataclasses
+    import inspect
+
+    for cls, dataclass_init in _every_replaced_init().items():
+        assert str(inspect.signature(cls.__init__)) == str(inspect.signature(dataclass_init))  # type: ignore[arg-type]
+        fields = dataclasses.fields(cls)
+        required = {
+            f.name: f"<{f.name}>"
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        every = {f.name: (f"<{f.name}>",) for f in fields}
+        for kwargs in (required, every):
+            fast = cls(**kwargs)
+            slow = object.__new__(cls)
+            dataclass_init(slow, **kwargs)  # type: ignore[operator]
+            assert fast == slow, cls
+            assert [getattr(fast, f.name) for f in fields] == [
+                getattr(slow, f.name) for f in fields
+            ]
+        for f in fields:
+            if f.default_factory is not dataclasses.MISSING:
+                # A fresh value per instance, as with the dataclass's own __init__.
+                assert getattr(cls(**required), f.name) is not getattr(cls(**required), f.name)
+        if required:
+            with pytest.raises(TypeError):
+                cls(**dict(list(required.items())[1:]))
+        with pytest.raises(TypeError):
+            cls(**required, no_such_field=1)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(fast, fields[0].name, "changed")
