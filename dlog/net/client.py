@@ -30,10 +30,10 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -45,7 +45,7 @@ from dlog.errors import (
     error_from_wire,
 )
 from dlog.net.address import parse_address
-from dlog.net.framing import DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, encode_call_header
+from dlog.net.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_call_header
 from dlog.net.messages import (
     Message,
     Operation,
@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 _READER_RESUME_S = 0.01
 
 _M = TypeVar("_M", bound=Message)
+
+#: The body of a response that has none (decoders only read it).
+_NO_BODY: Mapping[str, Any] = {}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,6 +214,8 @@ class RpcConnection:
         self._decoder = FrameDecoder(max_frame_bytes=config.max_frame_bytes)
         self._pending: dict[int, PendingCall] = {}
         self._cids = itertools.count(1)
+        #: trio.current_time without its lookups (the run's clock never changes).
+        self._now = trio.lowlevel.current_clock().current_time
         # Deadlines without a cancel scope per call (those cost more than the rest of a
         # call) and without a timer structure per call (one would keep finished calls,
         # and their responses, alive until their deadlines): the timer task sleeps until
@@ -448,7 +453,7 @@ class RpcConnection:
             if self._pending:
                 self._wake_reader()  # other calls' answers are coming: the reader reads them
             else:
-                self._direct_read_ended = now = trio.current_time()
+                self._direct_read_ended = now = self._now()
                 park = self._park_scope
                 if park is not None and park.deadline == math.inf:
                     park.deadline = now + _READER_RESUME_S
@@ -465,50 +470,36 @@ class RpcConnection:
 
     def _feed(self, data: bytes | bytearray) -> bool:
         """Decode ``data`` and resolve the calls it answers; False on a protocol error
-        (the connection must close)."""
+        (the connection must close). (One loop with the common case inline: this runs
+        for every response.)"""
         try:
             self._decoder.receive_data(data)
-            for frame in self._decoder.frames():
-                self._on_frame(frame)
+            pop = self._pending.pop
+            for header, payload in self._decoder.frames():
+                cid = header.get("i")
+                if type(cid) is not int:
+                    raise ProtocolError("response without an integer correlation id")
+                call = pop(cid, None)
+                if call is None:
+                    continue  # the caller timed out or was cancelled
+                if self._slot_waiters:
+                    self._free_slot()
+                err = header.get("e")
+                if err is not None:
+                    call._resolve(None, _error_of(err))
+                    continue
+                try:
+                    response = from_body(call.op.response, header.get("b", _NO_BODY), payload)
+                except ProtocolError as exc:
+                    call._resolve(None, exc)
+                    continue
+                call._resolve(response, None)
         except Exception as exc:  # ProtocolError, or a response nothing can make sense of
             log.warning("bad response stream from %s: %s", self.address, exc)
             if self._closed_reason is None:
                 self._closed_reason = f"protocol error: {exc}"
             return False
         return True
-
-    def _on_frame(self, frame: Frame) -> None:
-        header = frame.header
-        cid = header.get("i")
-        if type(cid) is not int:
-            raise ProtocolError("response without an integer correlation id")
-        call = self._pending.pop(cid, None)
-        if call is None:
-            return  # the caller timed out or was cancelled
-        if self._slot_waiters:
-            self._free_slot()
-        err = header.get("e")
-        if err is not None:
-            if not isinstance(err, dict):
-                call._resolve(None, ProtocolError("malformed error in response"))
-                return
-            code = err.get("code", -1)
-            details = err.get("details")
-            call._resolve(
-                None,
-                error_from_wire(
-                    code if type(code) is int else -1,
-                    str(err.get("message", "")),
-                    details if isinstance(details, dict) else None,
-                ),
-            )
-            return
-        try:
-            response = from_body(call.op.response, header.get("b", {}), frame.payload)
-        except ProtocolError as exc:
-            call._resolve(None, exc)
-            return
-        call._resolve(response, None)
 
     def _forget(self, call: PendingCall) -> None:
         if self._pending.pop(call.cid, None) is not None and self._slot_waiters:
@@ -526,26 +517,28 @@ class RpcConnection:
         outstanding on this connection.
         """
         op = operation_of(request)
-        while len(self._pending) >= self.config.max_in_flight and not self.is_closed:
+        pending = self._pending
+        config = self.config
+        while len(pending) >= config.max_in_flight and self._closed_reason is None:
             self._slot_waiters += 1
             try:
                 await self._slot_free.wait()
             finally:
                 self._slot_waiters -= 1
-        if self.is_closed:
+        if self._closed_reason is not None:
             raise NetworkError(
                 f"connection to {self.address} lost: {self._closed_reason}", address=self.address
             )
-        limit = self.config.request_timeout_s if timeout is None else timeout
+        limit = config.request_timeout_s if timeout is None else timeout
         cid = next(self._cids)
-        call = PendingCall(self, cid, op, trio.current_time() + limit, limit)
+        call = PendingCall(self, cid, op, self._now() + limit, limit)
         payload = request.payload
         size = payload_length(payload) if payload else 0
         head = encode_call_header(cid, op.name_cbor, body_cbor(request), op.version, size)
-        self._pending[cid] = call
+        pending[cid] = call
         # Alone on the connection: write at once (latency). Pipelining: let the
         # writer task batch this with the calls around it (throughput).
-        alone = len(self._pending) == 1
+        alone = len(pending) == 1
         writer = self._writer
         try:
             if not writer.send_frame_nowait(head, size, write_now=alone):
@@ -587,6 +580,19 @@ class RpcConnection:
             await self._writer.send_frame(head, payload, size, write_now=True)
         except trio.BrokenResourceError:
             raise NetworkError(f"connection to {self.address} lost", address=self.address) from None
+
+
+def _error_of(err: Any) -> DlogError:
+    """The exception an error response's ``"e"`` map stands for."""
+    if not isinstance(err, dict):
+        return ProtocolError("malformed error in response")
+    code = err.get("code", -1)
+    details = err.get("details")
+    return error_from_wire(
+        code if type(code) is int else -1,
+        str(err.get("message", "")),
+        details if isinstance(details, dict) else None,
+    )
 
 
 def expect_response(response: Message, response_type: type[_M]) -> _M:

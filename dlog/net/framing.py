@@ -89,6 +89,7 @@ _U16: Final = struct.Struct(">H")
 _U64: Final = struct.Struct(">Q")
 _SMALL_UINTS: Final = tuple(bytes((n,)) if n < 24 else bytes((0x18, n)) for n in range(256))
 _MAP_HEADS: Final = tuple(bytes((0xA0 + n,)) for n in range(24))  # CBOR_MAP + n
+_TEXT_HEADS: Final = tuple(bytes((0x60 + n,)) for n in range(24))  # CBOR_TEXT + n
 
 
 def cbor_uint(n: int) -> bytes:
@@ -120,7 +121,7 @@ def cbor_text(text: str) -> bytes:
     data = text.encode()
     n = len(data)
     if n < 24:
-        return bytes((CBOR_TEXT + n,)) + data
+        return _TEXT_HEADS[n] + data
     return cbor_head(CBOR_TEXT, n) + data
 
 
@@ -131,6 +132,20 @@ def encode_call_header(
     ``"v"`` when ``version`` and ``"p"`` when ``payload_length``; a one-way request
     (``cid`` None) carries ``"n": true`` instead of ``"i"``. ``op_cbor`` is
     :func:`cbor_text` of the operation name and ``body_cbor`` the encoded body map."""
+    if cid is not None and not version and not payload_length:
+        # The common shape in one join, its length summed rather than measured.
+        cid_cbor = cbor_uint(cid)
+        return b"".join(
+            (
+                _U32.pack(7 + len(cid_cbor) + len(op_cbor) + len(body_cbor)),
+                b"\xa3\x61i",
+                cid_cbor,
+                b"\x61o",
+                op_cbor,
+                b"\x61b",
+                body_cbor,
+            )
+        )
     parts = [
         _MAP_HEADS[3 + (version != 0) + (payload_length != 0)],
         b"\x61i" + cbor_uint(cid) if cid is not None else b"\x61n\xf5",
@@ -154,9 +169,11 @@ def encode_reply_header(cid: int, body_cbor: bytes, payload_length: int) -> byte
         encoded = b"".join(
             (b"\xa3\x61i", cbor_uint(cid), b"\x61b", body_cbor, b"\x61p", cbor_uint(payload_length))
         )
-    else:
-        encoded = b"".join((b"\xa2\x61i", cbor_uint(cid), b"\x61b", body_cbor))
-    return _U32.pack(len(encoded)) + encoded
+        return _U32.pack(len(encoded)) + encoded
+    cid_cbor = cbor_uint(cid)
+    return b"".join(
+        (_U32.pack(5 + len(cid_cbor) + len(body_cbor)), b"\xa2\x61i", cid_cbor, b"\x61b", body_cbor)
+    )
 
 
 def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:

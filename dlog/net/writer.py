@@ -85,9 +85,16 @@ class FrameWriter:
         """Queue a frame with no payload (``size`` 0) if the queue has room; False (and
         nothing queued) otherwise, when the caller must await :meth:`send_frame`. The
         hot paths try this first: a plain call, not a coroutine."""
-        if size or not self.has_room:
+        # enqueue_nowait(head) inlined: this runs for every small request and response.
+        if size or self._outbox_bytes >= self._max_outbox_bytes or self.broken:
             return False
-        self.enqueue_nowait(head, write_now=write_now)
+        outbox = self._outbox
+        outbox.append(head)
+        self._outbox_bytes += len(head)
+        if len(outbox) >= _EAGER_CHUNKS or self._outbox_bytes >= _COALESCE_BYTES:
+            self._kick(write_now=True)
+        elif not self._corked:
+            self._kick(write_now=write_now)
         return True
 
     async def send_frame(
