@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         Producer,
         Record,
         RecordMetadata,
+        Records,
         TopicDescription,
         connect,
     )
@@ -34,6 +35,7 @@ __all__ = [
     "Producer",
     "Record",
     "RecordMetadata",
+    "Records",
     "TopicDescription",
     "__version__",
     "connect",

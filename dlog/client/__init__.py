@@ -11,7 +11,7 @@
             handle = producer.send_nowait("orders", b"v2")
             await producer.send_many("orders", [b"a", b"b", b"c"])
         async with client.consumer("orders", group="g1", from_beginning=True) as consumer:
-            batch = await consumer.getmany(max_records=10_000)   # {partition: [Record]}
+            batch = await consumer.getmany(max_records=10_000)   # {partition: Records}
             await consumer.commit()
 
 The client speaks only :mod:`dlog.net`'s messages and builds and parses record
@@ -33,7 +33,7 @@ from dlog.client.consumer import Consumer
 from dlog.client.metadata import ClusterView, PartitionInfo, TopicInfo
 from dlog.client.partitioner import murmur2, partition_for_key
 from dlog.client.producer import DeliveryHandle, Producer
-from dlog.client.records import BatchMetadata, ConsumerRecord, Record, RecordMetadata
+from dlog.client.records import BatchMetadata, ConsumerRecord, Record, RecordMetadata, Records
 
 __all__ = [
     "BatchMetadata",
@@ -54,6 +54,7 @@ __all__ = [
     "RaftMemberDescription",
     "Record",
     "RecordMetadata",
+    "Records",
     "TopicDescription",
     "TopicInfo",
     "TopicListing",

@@ -44,7 +44,7 @@ import trio
 from dlog.client.backoff import Backoff
 from dlog.client.config import ClientOptions, ConsumerConfig
 from dlog.client.metadata import MetadataCache, TopicInfo
-from dlog.client.records import ConsumerRecord, Record
+from dlog.client.records import ConsumerRecord, Records
 from dlog.client.routing import Router
 from dlog.client.watch import call_unless, led_elsewhere
 from dlog.errors import (
@@ -81,7 +81,8 @@ from dlog.storage.batch import (
     HEADER_SIZE,
     LAST_OFFSET_DELTA_POS,
     LOG_OVERHEAD,
-    decode_records,
+    RecordRow,
+    decode_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class _Chunk:
         self.data: memoryview | None = data
         self.next_offset = next_offset
         self.size = size
-        self.records: list[Record] | None = None
+        self.records: list[RecordRow] | None = None
         self.index = 0
 
 
@@ -163,8 +164,8 @@ class Consumer:
 
     ``async for record in consumer`` yields :class:`ConsumerRecord` objects forever;
     ``await consumer.getmany(max_records=..., timeout_ms=...)`` returns what is there
-    as ``{partition: [Record, ...]}`` (the throughput path: no object per record
-    beyond the decoded ``Record`` tuple).
+    as ``{partition: Records}`` (the throughput path: a :class:`Records` sequence per
+    partition, whose ``Record`` tuples are made as they are read).
     """
 
     def __init__(
@@ -255,8 +256,8 @@ class Consumer:
 
     async def getmany(
         self, max_records: int = 10_000, timeout_ms: float | None = None
-    ) -> dict[int, list[Record]]:
-        """Up to ``max_records`` records as ``{partition: [Record, ...]}``, each list in
+    ) -> dict[int, Records]:
+        """Up to ``max_records`` records as ``{partition: Records}``, each sequence in
         offset order; waits up to ``timeout_ms`` (None: until there are records) and
         returns ``{}`` if none came.
 
@@ -315,11 +316,11 @@ class Consumer:
             if trio.current_time() >= deadline:
                 return
 
-    def _take(self, max_records: int) -> dict[int, list[Record]]:
+    def _take(self, max_records: int) -> dict[int, Records]:
         """Hand out up to ``max_records`` buffered records (no awaiting)."""
         if self._errors:
             raise self._errors.popleft()
-        out: dict[int, list[Record]] = {}
+        out: dict[int, list[RecordRow]] = {}
         left = max_records
         chunks = self._chunks
         while left > 0 and chunks:
@@ -332,7 +333,7 @@ class Consumer:
             if records is None:
                 assert chunk.data is not None
                 try:
-                    records = decode_records(chunk.data, min_offset=state.position)
+                    records = decode_rows(chunk.data, min_offset=state.position)
                 except (CorruptRecordError, UnsupportedCompressionTypeError) as exc:
                     self._pop_chunk()
                     self._stop_partition(state, exc)
@@ -356,7 +357,7 @@ class Consumer:
             if chunk.index >= n:
                 self._pop_chunk()
                 state.position = max(state.position, chunk.next_offset)
-        return out
+        return {partition: Records(rows) for partition, rows in out.items()}
 
     def _pop_chunk(self) -> None:
         chunk = self._chunks.popleft()

@@ -2,7 +2,7 @@
 
 Knows nothing of brokers. The broker uses :class:`LogManager` and
 :class:`PartitionLog`; clients use the record-batch codec (:class:`BatchBuilder`,
-:func:`build_batch`, :func:`decode_records`, :func:`iter_records`).
+:func:`build_batch`, :func:`decode_records`, :func:`decode_rows`, :func:`iter_records`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from dlog.storage.batch import (
     BatchHeader,
     Compression,
     Record,
+    RecordRow,
     assign_offsets,
     build_batch,
     decode_records,
+    decode_rows,
     iter_batch_headers,
     iter_records,
     parse_batches,
@@ -51,11 +53,13 @@ __all__ = [
     "LogManager",
     "PartitionLog",
     "Record",
+    "RecordRow",
     "TimestampAndOffset",
     "UnexpectedAppendOffsetError",
     "assign_offsets",
     "build_batch",
     "decode_records",
+    "decode_rows",
     "iter_batch_headers",
     "iter_records",
     "parse_batches",

@@ -7,6 +7,7 @@ import trio
 import trio.testing
 
 from dlog.client.consumer import Consumer
+from dlog.client.records import Record, Records
 from dlog.errors import (
     CorruptRecordError,
     ErrorCode,
@@ -105,6 +106,34 @@ async def test_getmany_respects_max_records_and_keeps_the_rest(
             assert consumer.position(0) == 30
             rest = await read(consumer, 70)
             assert [o for _, o, _ in rest] == list(range(30, 100))
+
+
+async def test_getmany_hands_out_records_sequences_whose_items_are_records(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        cluster.append_values("t", 0, values(40))
+        cluster.append_values("t", 0, values(10, b"w"))  # a second batch
+        async with client.consumer("t", from_beginning=True) as consumer:
+            batch = await consumer.getmany(max_records=45)
+    records = batch[0]
+    assert isinstance(records, Records)
+    assert len(records) == 45
+    every = list(records)
+    assert all(type(r) is Record for r in every)
+    assert [r.offset for r in every] == list(range(45))
+    assert [r.value for r in every] == values(40) + values(5, b"w")
+    assert records[0] == every[0] and records[-1].value == b"w0004"
+    assert isinstance(records[40:42], Records)
+    assert records[40:42] == every[40:42] == [r for r in every if r.offset in (40, 41)]
+    assert list(reversed(records)) == every[::-1]
+    assert records == every and every == records and records == tuple(every)
+    assert records != every[:-1] and records != every[:-1] + [every[0]]
+    assert every[3] in records and records.index(every[3]) == 3
+    assert repr(records[:1]) == f"Records([{every[0]!r}])"
+    with pytest.raises(TypeError):
+        hash(records)
 
 
 async def test_commit_and_resume_in_the_same_group(autojump_clock: trio.abc.Clock) -> None:

@@ -29,6 +29,7 @@ from dlog.storage.batch import (
     assign_offsets,
     build_batch,
     decode_records,
+    decode_rows,
     decode_varint,
     encode_varint,
     iter_batch_headers,
@@ -416,7 +417,7 @@ def test_uniform_batches_decode_like_any_other(count: int, size: int, skip: int)
     header = next(iter_batch_headers(buf))
     shortcut: list[Record] = []
     taken = batch_module._decode_uniform(
-        shortcut, batch_module.records_section(buf, header), header, 0
+        shortcut, batch_module.records_section(buf, header), header, 0, Record
     )
     assert taken == (count >= batch_module._UNIFORM_MIN_RECORDS)
     assert decode_records(buf, min_offset=skip) == decode_record_by_record(buf, skip)
@@ -451,3 +452,28 @@ def test_a_damaged_uniform_batch_decodes_exactly_as_record_by_record(
         struct.pack_into(">i", buf, 8, len(buf) - 12)
     reseal(buf)
     assert decode_or_error(bytes(buf)) == decode_record_by_record(bytes(buf))
+
+
+@pytest.mark.parametrize("count", [3, 100])  # record by record, and the uniform shortcut
+def test_rows_are_the_records_as_plain_tuples_the_collector_lets_go(count: int) -> None:
+    import gc
+
+    uniform = build_batch([b"v%04d" % i for i in range(count)], base_timestamp=NOW)
+    builder = BatchBuilder(NOW)
+    builder.append(b"x", key=b"k", headers=[("h", b"1")])
+    builder.append(None, timestamp=NOW + 5)
+    buf = uniform + builder.build()
+    assign_offsets(buf, list(iter_batch_headers(buf)), 40, 0)
+    for min_offset in (0, 41, 40 + count):
+        records = decode_records(buf, min_offset=min_offset)
+        rows = decode_rows(buf, min_offset=min_offset)
+        assert rows == [tuple(r) for r in records]
+        assert {type(row) for row in rows} == {tuple}
+    rows = decode_rows(buf)
+    records = decode_records(buf)
+    for _ in range(3):  # a pass untracks a tuple once what it holds is untracked:
+        gc.collect()  # headers are tuples of tuples, three levels with the row
+    # What the consumer holds costs the collector nothing once it has looked at it
+    # (a NamedTuple, like Record, stays tracked for good).
+    assert not any(gc.is_tracked(row) for row in rows)
+    assert all(gc.is_tracked(record) for record in records)
