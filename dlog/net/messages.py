@@ -237,7 +237,11 @@ def _fast_init(cls: type) -> None:
     its own ``__setattr__``) and costs a third more. Handlers build a response, and
     clients a request, for every call. Classes with ``__post_init__``, ``init=False``
     fields or no slots of their own keep the dataclass's."""
-    if cls in _DATACLASS_INITS or "__init__" not in cls.__dict__:
+    original: Any = cls.__dict__.get("__init__")
+    code = getattr(original, "__code__", None)
+    # Only an __init__ that @dataclass wrote (exec'd from generated source) is
+    # replaced; a class's own __init__ is kept.
+    if cls in _DATACLASS_INITS or code is None or code.co_filename != "<string>":
         return
     fields = dataclasses.fields(cls)
     if (
@@ -269,7 +273,6 @@ def _fast_init(cls: type) -> None:
     # The source is generated from our own dataclass definitions, never from input.
     exec(f"def __init__({params}) -> None:\n" + "\n".join(body or ["    pass"]) + "\n", ns)
     init = ns["__init__"]
-    original = cls.__dict__["__init__"]
     init.__qualname__ = original.__qualname__
     init.__doc__ = original.__doc__
     init.__annotations__ = dict(original.__annotations__)

@@ -171,3 +171,19 @@ def test_fast_inits_take_and_build_exactly_what_the_dataclass_inits_do() -> None
             cls(**required, no_such_field=1)
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(fast, fields[0].name, "changed")
+
+
+def test_a_message_class_keeps_its_own_init() -> None:
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class OwnInitRequest(Message):
+        n: int = 0
+
+        def __init__(self, n: str) -> None:  # e.g. parses its argument
+            object.__setattr__(self, "n", int(n))
+            object.__setattr__(self, "payload", b"")
+
+    register("test.own_init", OwnInitRequest, NestedResponse)
+    assert OwnInitRequest("5").n == 5
+    from dlog.net.messages import _DATACLASS_INITS
+
+    assert OwnInitRequest not in _DATACLASS_INITS
