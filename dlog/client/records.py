@@ -22,8 +22,9 @@ _new_record = tuple.__new__  # Record(*row) without NamedTuple.__new__'s argumen
 
 class Records(Sequence[Record]):
     """One partition's records from ``getmany``: a read-only sequence of
-    :class:`Record` in offset order (index it, slice it, iterate it, ``len`` it; it
-    compares equal to a list of the same records).
+    :class:`Record` in offset order. Index it, slice it (a slice is a ``Records``),
+    iterate it, ``len`` it; it compares equal to a list of the same records. It is
+    not a list (no ``append``, ``+`` or ``sort``): ``list(records)`` makes one.
 
     It holds the records as plain tuples and makes the :class:`Record` for each one
     as it is read. Plain tuples of ints, bytes and None are untracked by Python's
@@ -61,7 +62,7 @@ class Records(Sequence[Record]):
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Records):
             return self._rows == other._rows
-        if isinstance(other, list | tuple):
+        if isinstance(other, list):  # (as a list, never equal to a tuple)
             return len(other) == len(self._rows) and all(
                 a == b for a, b in zip(self._rows, other, strict=True)
             )

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -214,8 +214,9 @@ class RpcConnection:
         self._decoder = FrameDecoder(max_frame_bytes=config.max_frame_bytes)
         self._pending: dict[int, PendingCall] = {}
         self._cids = itertools.count(1)
-        #: trio.current_time without its lookups (the run's clock never changes).
-        self._now = trio.lowlevel.current_clock().current_time
+        #: The clock; run() swaps in the run's own clock method, which skips
+        #: trio.current_time's lookups (a run's clock never changes).
+        self._now: Callable[[], float] = trio.current_time
         # Deadlines without a cancel scope per call (those cost more than the rest of a
         # call) and without a timer structure per call (one would keep finished calls,
         # and their responses, alive until their deadlines): the timer task sleeps until
@@ -281,6 +282,7 @@ class RpcConnection:
 
         On the way out, fails every pending call with NetworkError and closes the stream.
         """
+        self._now = trio.lowlevel.current_clock().current_time
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:

@@ -26,6 +26,7 @@ client protocol in :mod:`dlog.net.protocol`); this module knows none of them.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -235,45 +236,64 @@ def _fast_init(cls: type) -> None:
     slots directly: same signature and result as the one @dataclass wrote, which
     sets each field through ``object.__setattr__`` (the frozen dataclass's way past
     its own ``__setattr__``) and costs a third more. Handlers build a response, and
-    clients a request, for every call. Classes with ``__post_init__``, ``init=False``
-    fields or no slots of their own keep the dataclass's."""
+    clients a request, for every call.
+
+    Only the ``__init__`` a frozen dataclass generated is replaced: a class's own
+    ``__init__``, ``__post_init__``, ``init=False``, ``InitVar`` or ``ClassVar``
+    fields, no slots of its own, or a field name the generated code would clash with
+    keep the dataclass's."""
     original: Any = cls.__dict__.get("__init__")
     code = getattr(original, "__code__", None)
-    # Only an __init__ that @dataclass wrote (exec'd from generated source) is
-    # replaced; a class's own __init__ is kept.
-    if cls in _DATACLASS_INITS or code is None or code.co_filename != "<string>":
-        return
-    fields = dataclasses.fields(cls)
+    params_of = getattr(cls, "__dataclass_params__", None)
     if (
-        "__slots__" not in cls.__dict__
+        cls in _DATACLASS_INITS
+        or code is None
+        # What dataclasses' generated frozen __init__ looks like (exec'd source that
+        # sets fields through __dataclass_builtins_object__).
+        or code.co_filename != "<string>"
+        or "__dataclass_builtins_object__" not in code.co_freevars + code.co_names
+        or params_of is None
+        or not params_of.frozen
+        or "__slots__" not in cls.__dict__
         or hasattr(cls, "__post_init__")
-        or any(not f.init or f.name == "self" for f in fields)
     ):
         return
-    ns: dict[str, Any] = {"FACTORY": _FACTORY}
+    fields = dataclasses.fields(cls)
+    if len(fields) != len(cls.__dataclass_fields__) or any(  # type: ignore[attr-defined]
+        not f.init or f.name == "self" or f.name.startswith("__dlog_") for f in fields
+    ):
+        return
+    module = sys.modules.get(cls.__module__)
+    # The module's globals (a copy), so that the annotations resolve as the
+    # original's do; the generated code's own names cannot clash with a field's.
+    ns: dict[str, Any] = dict(vars(module)) if module is not None else {}
+    ns["__dlog_FACTORY"] = _FACTORY
     positional: list[str] = []
     keyword: list[str] = []
     body: list[str] = []
     for i, f in enumerate(fields):
+        setter, default, factory = f"__dlog_set_{i}", f"__dlog_default_{i}", f"__dlog_factory_{i}"
         if f.default is not dataclasses.MISSING:
-            ns[f"d{i}"] = f.default
-            param = f"{f.name}=d{i}"
+            ns[default] = f.default
+            param = f"{f.name}={default}"
         elif f.default_factory is not dataclasses.MISSING:
-            ns[f"f{i}"] = f.default_factory
-            param = f"{f.name}=FACTORY"
+            ns[factory] = f.default_factory
+            param = f"{f.name}=__dlog_FACTORY"
         else:
             param = f.name
         (keyword if f.kw_only else positional).append(param)
-        ns[f"set{i}"] = _slot_setter(cls, f.name)
+        ns[setter] = _slot_setter(cls, f.name)
         if f.default_factory is not dataclasses.MISSING:
-            body.append(f"    set{i}(self, f{i}() if {f.name} is FACTORY else {f.name})")
+            value = f"{factory}() if {f.name} is __dlog_FACTORY else {f.name}"
+            body.append(f"    {setter}(self, {value})")
         else:
-            body.append(f"    set{i}(self, {f.name})")
+            body.append(f"    {setter}(self, {f.name})")
     params = ", ".join(["self", *positional, *(["*", *keyword] if keyword else [])])
     # The source is generated from our own dataclass definitions, never from input.
     exec(f"def __init__({params}) -> None:\n" + "\n".join(body or ["    pass"]) + "\n", ns)
     init = ns["__init__"]
     init.__qualname__ = original.__qualname__
+    init.__module__ = original.__module__
     init.__doc__ = original.__doc__
     init.__annotations__ = dict(original.__annotations__)
     _DATACLASS_INITS[cls] = original

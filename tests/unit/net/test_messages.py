@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -140,7 +141,6 @@ def test_fast_inits_cover_the_registered_messages_and_their_structs() -> None:
 
 
 def test_fast_inits_take_and_build_exactly_what_the_dataclass_inits_do() -> None:
-    import dataclasses
     import inspect
 
     for cls, dataclass_init in _every_replaced_init().items():
@@ -187,3 +187,51 @@ def test_a_message_class_keeps_its_own_init() -> None:
     from dlog.net.messages import _DATACLASS_INITS
 
     assert OwnInitRequest not in _DATACLASS_INITS
+
+
+def test_fast_inits_are_made_only_where_they_change_nothing() -> None:
+    from dlog.net.messages import _DATACLASS_INITS, _fast_init
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class NamesOfGeneratedCode(Struct):  # names a generator might use for itself
+        FACTORY: list[int] = dataclasses.field(default_factory=list)
+        set1: int = 0
+        f1: int = 0
+        d0: int = 0
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class WithInitVar(Struct):
+        a: int = 0
+        hint: dataclasses.InitVar[int] = 0
+
+    @dataclass(slots=True, kw_only=True)
+    class NotFrozen:
+        n: int = 0
+
+        def __setattr__(self, name: str, value: object) -> None:
+            if name == "n" and isinstance(value, int) and value < 0:
+                raise ValueError("negative")
+            object.__setattr__(self, name, value)
+
+    namespace: dict[str, object] = {"dataclass": dataclass, "Struct": Struct}
+    exec(  # an __init__ of the class's own, compiled from a string like dataclasses'
+        "@dataclass(frozen=True, slots=True, kw_only=True)\n"
+        "class OwnInitFromString(Struct):\n"
+        "    n: int = 0\n"
+        "    def __init__(self, n):\n"
+        "        object.__setattr__(self, 'n', int(n))\n",
+        namespace,
+    )
+    own = namespace["OwnInitFromString"]
+    for cls in (NamesOfGeneratedCode, WithInitVar, NotFrozen, own):
+        _fast_init(cls)  # type: ignore[arg-type]
+    assert NamesOfGeneratedCode in _DATACLASS_INITS
+    made = NamesOfGeneratedCode(FACTORY=[1], set1=2, f1=3, d0=4)
+    assert (made.FACTORY, made.set1, made.f1, made.d0) == ([1], 2, 3, 4)
+    assert NamesOfGeneratedCode().FACTORY == []
+    assert NamesOfGeneratedCode.__init__.__module__ == __name__
+    assert WithInitVar not in _DATACLASS_INITS and WithInitVar(a=1, hint=2).a == 1
+    assert NotFrozen not in _DATACLASS_INITS
+    with pytest.raises(ValueError, match="negative"):
+        NotFrozen(n=-1)
+    assert own not in _DATACLASS_INITS and own("7").n == 7  # type: ignore[operator]
