@@ -327,3 +327,19 @@ async def test_unencodable_response_is_an_error_not_a_crash() -> None:
             await conn.call(OddRequest())
         assert isinstance(await conn.call(EchoRequest(data=1)), EchoResponse)
         assert server.stats.handler_crashes == 1
+
+
+def test_a_connection_can_be_made_before_trio_runs_and_then_run() -> None:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    conn = RpcConnection(client_side, "memory", ClientConfig())  # no trio run yet
+
+    async def main() -> None:
+        server = RpcServer({})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_stream, server_side)
+            await nursery.start(conn.run)
+            response = await conn.call(EchoRequest(data="hi"), timeout=5)
+            assert isinstance(response, EchoResponse) and response.data == "hi"
+            conn.close()
+
+    trio.run(main)
