@@ -7,10 +7,11 @@ closes every connection; :meth:`RpcServer.drain` first lets in-flight requests f
 (bounded), answering new ones with BROKER_NOT_AVAILABLE.
 
 Routing: a handler is ``async def handler(request) -> response``. A :class:`Route`
-marked ``inline=True`` is awaited in the connection's read loop (no task spawn: use it
+marked ``inline=True`` is run in the connection's read loop (no task spawn: use it
 for handlers that never block for long, e.g. metadata or a local append), so inline
 requests of one connection are handled in the order they arrived; an inline handler
-may return a :class:`Deferred` to finish the rest in a task. Other handlers run in
+may return a :class:`Deferred` to finish the rest in a task, and may be a plain
+function (called with no coroutine at all: the cheapest way to answer a request). Other handlers run in
 their own task, so a long-polling fetch does not hold up the requests behind it and
 responses may go out in a different order than requests came in.
 
@@ -31,6 +32,7 @@ stops reading that connection, so TCP pushes back on the client.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -61,6 +63,7 @@ from dlog.net.messages import (
     EchoResponse,
     Message,
     Operation,
+    Payload,
     body_cbor,
     body_decoder,
     check_version,
@@ -74,7 +77,8 @@ log = logging.getLogger(__name__)
 #: The body of a request that has none (decoders only read it).
 _NO_BODY: Mapping[str, Any] = {}
 
-Handler = Callable[[Any], Awaitable["Message | Deferred"]]
+#: ``async def handler(request)``, or for an inline route also a plain function.
+Handler = Callable[[Any], "Awaitable[Message | Deferred] | Message | Deferred"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,13 @@ def _finisher(deferred: Deferred) -> Handler:
         return await deferred.finish()
 
     return finish
+
+
+def _awaited(awaitable: Awaitable[Message | Deferred]) -> Handler:
+    async def result(_request: Any) -> Message | Deferred:
+        return await awaitable
+
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,18 +166,17 @@ class RpcServer:
         self.config = config or ServerConfig()
         self.name = name
         self.stats = ServerStats()
-        self._routes: dict[str, tuple[Operation, Route, Callable[[Any, bytes], Message]]] = {}
+        self._routes: dict[str, tuple[Operation, Route, Callable[[Any, bytes], Message], bool]] = {}
         builtin: dict[str, Handler | Route] = {
             "echo": Route(_echo, inline=True),
             "api_versions": Route(self._api_versions, inline=True),
         }
         for op_name, route in {**builtin, **routes}.items():
             op = operation(op_name)
-            self._routes[op_name] = (
-                op,
-                route if isinstance(route, Route) else Route(route),
-                body_decoder(op.request),
-            )
+            route = route if isinstance(route, Route) else Route(route)
+            # A plain (not async) inline handler is called without a coroutine.
+            plain = route.inline and not inspect.iscoroutinefunction(route.handler)
+            self._routes[op_name] = (op, route, body_decoder(op.request), plain)
         self._draining = False
         self._in_flight = 0
         # Made only while drain() waits: most requests never touch an Event.
@@ -251,13 +261,13 @@ class RpcServer:
         if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
 
-    async def _api_versions(self, request: ApiVersionsRequest) -> ApiVersionsResponse:
+    def _api_versions(self, request: ApiVersionsRequest) -> ApiVersionsResponse:
         return ApiVersionsResponse(
             operations={name: entry[0].version for name, entry in self._routes.items()}
         )
 
 
-async def _echo(request: EchoRequest) -> EchoResponse:
+def _echo(request: EchoRequest) -> EchoResponse:
     return EchoResponse(data=request.data, payload=request.payload)
 
 
@@ -317,7 +327,9 @@ class _ServerConnection:
             try:
                 self.decoder.receive_data(data)
                 for frame in self.decoder.frames():
-                    await self._dispatch(frame, nursery)
+                    unfinished = self._dispatch(frame, nursery)
+                    if unfinished is not None:
+                        await unfinished
                     if self.closing:
                         return
             except ProtocolError as exc:
@@ -355,9 +367,14 @@ class _ServerConnection:
             self.drained = len(data) < receive_bytes
             return data
 
-    async def _dispatch(self, frame: Frame, nursery: trio.Nursery) -> None:
+    def _dispatch(self, frame: Frame, nursery: trio.Nursery) -> Awaitable[None] | None:
+        """Handle one request as far as it goes without waiting; what is left (a full
+        outgoing queue, an async inline handler, an error to send) is returned for the
+        read loop to await, so a request a plain inline handler answers costs no
+        coroutine at all. Raises ProtocolError for a request that must close the
+        connection."""
         server = self.server
-        header = frame.header
+        header, payload = frame
         cid: int | None
         if header.get("n") is True:
             cid = None  # one-way: nothing is answered, not even an error
@@ -371,46 +388,77 @@ class _ServerConnection:
         entry = server._routes.get(name) if isinstance(name, str) else None
         if entry is None:
             raise ProtocolError(f"unknown operation {name!r}", correlation_id=cid)
-        op, route, decode = entry
+        op, route, decode, plain = entry
         try:
             if "v" in header:
                 check_version(op, header["v"])
-            request = decode(header.get("b", _NO_BODY), frame.payload)
+            request = decode(header.get("b", _NO_BODY), payload)
         except UnsupportedVersionError as exc:
-            await self._send_error(cid, exc)
-            return
+            return self._send_error(cid, exc)
         except ProtocolError as exc:
             exc.details["correlation_id"] = cid
             raise
         if server._draining:
-            await self._send_error(cid, BrokerNotAvailableError(f"{server.name} is shutting down"))
-            return
-        if route.inline:
-            server._request_started()
-            try:
-                deferred = await self._respond(cid, route.handler, request)
-            finally:
-                server._request_finished()
-            if deferred is None:
-                return
+            return self._send_error(cid, BrokerNotAvailableError(f"{server.name} is shutting down"))
+        if not route.inline:
+            return self._spawn(nursery, cid, route.handler, request)
+        if not plain:
+            return self._inline(nursery, cid, route.handler, request)
+        server._request_started()
+        try:
+            response = route.handler(request)
+        except DlogError as exc:
+            return self._send_error(cid, exc)
+        except Exception as exc:
+            return self._send_error(cid, self._crashed(request, exc))
+        finally:
+            server._request_finished()
+        if isinstance(response, Deferred):
             # The ordered part is done; the waiting part runs in its own task.
-            await self._spawn(nursery, cid, _finisher(deferred), request)
-            return
-        await self._spawn(nursery, cid, route.handler, request)
+            return self._spawn(nursery, cid, _finisher(response), request)
+        if not isinstance(response, Message) and inspect.isawaitable(response):
+            # A callable object whose __call__ is async (not told apart up front).
+            return self._inline(nursery, cid, _awaited(response), request)
+        return self._send_response(cid, response)
 
-    async def _spawn(
+    async def _inline(
         self, nursery: trio.Nursery, cid: int | None, handler: Handler, request: Message
     ) -> None:
+        """An async inline handler, awaited in the read loop."""
         server = self.server
-        if self.in_flight >= server.config.max_in_flight:
-            self.writer.uncork()  # answers already made must not wait behind us
-            while self.in_flight >= server.config.max_in_flight:
-                self.slot_free = trio.Event()
-                await self.slot_free.wait()
-            self.writer.cork()
-        self.in_flight += 1
         server._request_started()
+        try:
+            deferred = await self._respond(cid, handler, request)
+        finally:
+            server._request_finished()
+        if deferred is not None:
+            # The ordered part is done; the waiting part runs in its own task.
+            unfinished = self._spawn(nursery, cid, _finisher(deferred), request)
+            if unfinished is not None:
+                await unfinished
+
+    def _spawn(
+        self, nursery: trio.Nursery, cid: int | None, handler: Handler, request: Message
+    ) -> Awaitable[None] | None:
+        """Run ``handler`` in a task of its own; when ``max_in_flight`` are running,
+        returns what waits for a free slot first."""
+        if self.in_flight >= self.server.config.max_in_flight:
+            return self._spawn_when_free(nursery, cid, handler, request)
+        self.in_flight += 1
+        self.server._request_started()
         nursery.start_soon(self._handle, cid, handler, request)
+        return None
+
+    async def _spawn_when_free(
+        self, nursery: trio.Nursery, cid: int | None, handler: Handler, request: Message
+    ) -> None:
+        max_in_flight = self.server.config.max_in_flight
+        self.writer.uncork()  # answers already made must not wait behind us
+        while self.in_flight >= max_in_flight:
+            self.slot_free = trio.Event()
+            await self.slot_free.wait()
+        self.writer.cork()
+        self._spawn(nursery, cid, handler, request)
 
     async def _handle(self, cid: int | None, handler: Handler, request: Message) -> None:
         try:
@@ -423,20 +471,37 @@ class _ServerConnection:
     async def _respond(
         self, cid: int | None, handler: Handler, request: Message
     ) -> Deferred | None:
-        """Run ``handler`` and send its answer (none for a one-way request, ``cid``
+        """Await ``handler`` and send its answer (none for a one-way request, ``cid``
         None); a :class:`Deferred` is handed back."""
         try:
-            response = await handler(request)
+            response = await handler(request)  # type: ignore[misc]
         except DlogError as exc:
             await self._send_error(cid, exc)
             return None
         except Exception as exc:
-            self.server.stats.handler_crashes += 1
-            log.exception("%s: handler for %s failed", self.server.name, type(request).__name__)
-            await self._send_error(cid, UnknownServerError(f"{type(exc).__name__}: {exc}"))
+            await self._send_error(cid, self._crashed(request, exc))
             return None
         if isinstance(response, Deferred):
             return response
+        unfinished = self._send_response(cid, response)
+        if unfinished is not None:
+            await unfinished
+        return None
+
+    def _crashed(self, request: Message, exc: Exception) -> DlogError:
+        """Log a handler's unexpected exception; the error its caller gets."""
+        self.server.stats.handler_crashes += 1
+        log.error(
+            "%s: handler for %s failed",
+            self.server.name,
+            type(request).__name__,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        return UnknownServerError(f"{type(exc).__name__}: {exc}")
+
+    def _send_response(self, cid: int | None, response: Message) -> Awaitable[None] | None:
+        """Queue ``response`` (nothing for a one-way request, ``cid`` None); returns what
+        waits for room in a full outgoing queue, or sends an encoding failure."""
         if cid is None:
             return None
         try:
@@ -448,18 +513,23 @@ class _ServerConnection:
             # request's failure, never the connection's or the node's.
             self.server.stats.handler_crashes += 1
             log.exception("%s: cannot encode %s", self.server.name, type(response).__name__)
-            await self._send_error(cid, UnknownServerError(f"{type(exc).__name__}: {exc}"))
-            return None
+            return self._send_error(cid, UnknownServerError(f"{type(exc).__name__}: {exc}"))
         # Inline answers are corked by the read loop; a handler task alone on its
         # connection writes at once; with others in flight, the writer task batches.
         alone = self.in_flight <= 1
-        writer = self.writer
         try:
-            if not writer.send_frame_nowait(head, size, write_now=alone):
-                await writer.send_frame(head, payload, size, write_now=alone)
+            if self.writer.send_frame_nowait(head, size, write_now=alone):
+                return None
         except trio.BrokenResourceError:
             self.close()
-        return None
+            return None
+        return self._send_when_room(head, payload, size, alone)
+
+    async def _send_when_room(self, head: bytes, payload: Payload, size: int, alone: bool) -> None:
+        try:
+            await self.writer.send_frame(head, payload, size, write_now=alone)
+        except trio.BrokenResourceError:
+            self.close()
 
     async def _send_error(self, cid: int | None, exc: DlogError) -> None:
         if cid is None:
