@@ -11,9 +11,9 @@ marked ``inline=True`` is run in the connection's read loop (no task spawn: use 
 for handlers that never block for long, e.g. metadata or a local append), so inline
 requests of one connection are handled in the order they arrived; an inline handler
 may return a :class:`Deferred` to finish the rest in a task, and may be a plain
-function (called with no coroutine at all: the cheapest way to answer a request). Other handlers run in
-their own task, so a long-polling fetch does not hold up the requests behind it and
-responses may go out in a different order than requests came in.
+function (called with no coroutine at all: the cheapest way to answer a request).
+Other handlers run in their own task, so a long-polling fetch does not hold up the
+requests behind it and responses may go out in a different order than requests came in.
 
 Bad input never crashes the server or touches another connection: a malformed frame,
 an oversize frame or an unknown operation gets an error response (when a correlation id
