@@ -312,7 +312,7 @@ class ReplicaManager:
 
     # --- produce -------------------------------------------------------------------------
 
-    async def produce(self, request: ProduceRequest) -> ProduceResponse | Deferred:
+    def produce(self, request: ProduceRequest) -> ProduceResponse | Deferred:
         """Append every partition's batches at once, in request order (an inline route);
         acks=all (and fsync-per-append) waits are finished by a :class:`Deferred`."""
         acks = request.acks

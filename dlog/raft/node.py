@@ -599,7 +599,7 @@ class RaftNode:
 
     # --- the network side -----------------------------------------------------------------
 
-    async def _on_batch(self, request: RaftBatchRequest) -> RaftBatchResponse:
+    def _on_batch(self, request: RaftBatchRequest) -> RaftBatchResponse:
         msgs = decode_batch(request)
         now = trio.current_time()
         core = self.core

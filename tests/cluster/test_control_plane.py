@@ -212,7 +212,7 @@ async def test_cut_off_leader_stops_leading_within_the_session_timeout(tmp_path:
         # session timeout (2 s here; the deadline leaves room for a busy machine).
         await wait_for(lambda: not victim.broker._session_ok(), 10)
         batch = bytes(build_batch([b"x"], base_timestamp=1_700_000_000_000))
-        response = await victim.broker.replicas.produce(
+        response = victim.broker.replicas.produce(
             ProduceRequest(
                 acks=1,
                 timeout_ms=1000,
