@@ -543,7 +543,7 @@ class RpcConnection:
         alone = len(pending) == 1
         writer = self._writer
         try:
-            if not writer.send_frame_nowait(head, size, write_now=alone):
+            if not writer.send_frame_nowait(head, payload, size, write_now=alone):
                 await writer.send_frame(head, payload, size, write_now=alone)
         except trio.BrokenResourceError:
             self._pending.pop(cid, None)

@@ -518,7 +518,7 @@ class _ServerConnection:
         # connection writes at once; with others in flight, the writer task batches.
         alone = self.in_flight <= 1
         try:
-            if self.writer.send_frame_nowait(head, size, write_now=alone):
+            if self.writer.send_frame_nowait(head, payload, size, write_now=alone):
                 return None
         except trio.BrokenResourceError:
             self.close()

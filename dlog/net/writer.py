@@ -81,16 +81,28 @@ class FrameWriter:
             await self._drained.wait()
         self.enqueue_nowait(*chunks, write_now=write_now)
 
-    def send_frame_nowait(self, head: bytes, size: int, *, write_now: bool) -> bool:
-        """Queue a frame with no payload (``size`` 0) if the queue has room; False (and
-        nothing queued) otherwise, when the caller must await :meth:`send_frame`. The
-        hot paths try this first: a plain call, not a coroutine."""
-        # enqueue_nowait(head) inlined: this runs for every small request and response.
-        if size or self._outbox_bytes >= self._max_outbox_bytes or self.broken:
+    def send_frame_nowait(
+        self, head: bytes, payload: Chunk | Sequence[Chunk], size: int, *, write_now: bool
+    ) -> bool:
+        """:meth:`send_frame` if the queue has room: True once the frame is queued (or
+        written); False, with nothing queued, when the caller must await
+        :meth:`send_frame`. The hot paths try this first: a plain call, not a
+        coroutine."""
+        # enqueue_nowait inlined: this runs for every request and response.
+        if self._outbox_bytes >= self._max_outbox_bytes or self.broken:
             return False
         outbox = self._outbox
         outbox.append(head)
-        self._outbox_bytes += len(head)
+        added = len(head)
+        if size:
+            if isinstance(payload, bytes | bytearray | memoryview):
+                outbox.append(payload)
+                added += len(payload)
+            else:
+                for chunk in payload:
+                    outbox.append(chunk)
+                    added += len(chunk)
+        self._outbox_bytes += added
         if len(outbox) >= _EAGER_CHUNKS or self._outbox_bytes >= _COALESCE_BYTES:
             self._kick(write_now=True)
         elif not self._corked:
@@ -101,8 +113,9 @@ class FrameWriter:
         self, head: bytes, payload: Chunk | Sequence[Chunk], size: int, *, write_now: bool
     ) -> None:
         """Queue a frame: its encoded header, then a payload of ``size`` bytes given as
-        one buffer or as chunks (sent one after another, never joined)."""
-        if self.send_frame_nowait(head, size, write_now=write_now):
+        one buffer or as chunks (sent one after another, never joined). Waits only
+        while the queue is full."""
+        if self.send_frame_nowait(head, payload, size, write_now=write_now):
             return
         if not size:
             await self.enqueue(head, write_now=write_now)
