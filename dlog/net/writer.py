@@ -88,7 +88,7 @@ class FrameWriter:
         written); False, with nothing queued, when the caller must await
         :meth:`send_frame`. The hot paths try this first: a plain call, not a
         coroutine."""
-        # enqueue_nowait inlined: this runs for every request and response.
+        # enqueue_nowait without its *chunks: this runs for every request and response.
         if self._outbox_bytes >= self._max_outbox_bytes or self.broken:
             return False
         outbox = self._outbox
@@ -103,10 +103,7 @@ class FrameWriter:
                     outbox.append(chunk)
                     added += len(chunk)
         self._outbox_bytes += added
-        if len(outbox) >= _EAGER_CHUNKS or self._outbox_bytes >= _COALESCE_BYTES:
-            self._kick(write_now=True)
-        elif not self._corked:
-            self._kick(write_now=write_now)
+        self._queued(write_now)
         return True
 
     async def send_frame(
@@ -131,6 +128,10 @@ class FrameWriter:
         for chunk in chunks:
             self._outbox.append(chunk)
             self._outbox_bytes += len(chunk)
+        self._queued(write_now)
+
+    def _queued(self, write_now: bool) -> None:
+        """After frames were queued: send now, or leave them to the writer task."""
         if len(self._outbox) >= _EAGER_CHUNKS or self._outbox_bytes >= _COALESCE_BYTES:
             self._kick(write_now=True)  # corked or not: see _EAGER_CHUNKS
         elif not self._corked:
