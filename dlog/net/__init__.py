@@ -9,7 +9,8 @@ Layers, bottom up:
   rides raw after the header (record batches never pass through cbor2).
 - :mod:`dlog.net.server`: :class:`RpcServer` -- ``await nursery.start(server.run, host,
   port)`` returns the bound port; handlers are ``async def h(request) -> response``;
-  ``Route(h, inline=True)`` for handlers that never block.
+  ``Route(h, inline=True)`` for handlers that never block (an inline ``h`` may be a
+  plain function: called with no coroutine at all).
 - :mod:`dlog.net.client`: ``async with open_rpc_pool() as pool: await pool.call(addr,
   request)``; one pipelined connection per address, reconnect with backoff,
   per-call timeouts, ``pool.faults`` to simulate cut links in tests;
