@@ -72,7 +72,7 @@ class BrokerHandlers:
         return {
             "metadata": Route(self.metadata, inline=True),
             "produce": Route(rm.produce, inline=True),
-            "fetch": rm.fetch,
+            "fetch": Route(rm.fetch, inline=True),
             "list_offsets": Route(rm.list_offsets, inline=True),
             "offsets_for_leader_epoch": Route(rm.offsets_for_leader_epoch, inline=True),
             "replica_status": Route(self.replica_status, inline=True),

@@ -23,6 +23,7 @@ import enum
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -37,6 +38,12 @@ class Role(enum.Enum):
     #: A replica whose partition has no leader right now (offline), or which was
     #: just created and has not seen its first metadata.
     NONE = "none"
+
+
+class Parked(Protocol):
+    """Something waiting for a partition to change (a parked long-polling fetch)."""
+
+    def poke(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -69,8 +76,9 @@ class Partition:
         self.followers: dict[int, FollowerState] = {}
         #: The ISR proposed to the controller and not yet seen in metadata.
         self.pending_isr: tuple[int, ...] | None = None
-        self._watchers: set[trio.Event] = set()
         self._changed = trio.Event()
+        #: Long-polling fetches parked on this partition: poked at every change.
+        self._parked: set[Parked] = set()
 
     def __repr__(self) -> str:
         return f"<Partition {self.topic}-{self.partition} {self.role.value} e{self.leader_epoch}>"
@@ -78,20 +86,20 @@ class Partition:
     # --- change notification ------------------------------------------------------
 
     def notify(self) -> None:
-        """Wake everyone waiting on this partition (new data, new HW, new role)."""
+        """Wake everyone waiting on this partition (new data, new HW, new role); parked
+        fetches are poked at once, so one that now has enough is answered from here."""
         self._changed.set()
         self._changed = trio.Event()
-        if self._watchers:
-            for event in self._watchers:
-                event.set()
-            self._watchers.clear()
+        if self._parked:
+            for parked in list(self._parked):
+                parked.poke()
 
-    def watch(self, event: trio.Event) -> None:
-        """Set ``event`` at the next change (used by multi-partition long polls)."""
-        self._watchers.add(event)
+    def park(self, parked: Parked) -> None:
+        """Poke ``parked`` at every change until :meth:`unpark`."""
+        self._parked.add(parked)
 
-    def unwatch(self, event: trio.Event) -> None:
-        self._watchers.discard(event)
+    def unpark(self, parked: Parked) -> None:
+        self._parked.discard(parked)
 
     async def wait_changed(self) -> None:
         await self._changed.wait()

@@ -19,6 +19,8 @@ copied between sockets and segments as bytes.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -44,6 +46,7 @@ from dlog.errors import (
     NotLeaderError,
     RequestTimedOutError,
     UnknownLeaderEpochError,
+    UnknownServerError,
     UnknownTopicOrPartitionError,
     error_from_wire,
 )
@@ -77,12 +80,48 @@ from dlog.net.protocol import (
     ReplicaStatusRequest,
     ReplicaStatusResponse,
 )
-from dlog.net.server import Deferred
+from dlog.net.server import Deferred, Later
 from dlog.storage import LogConfig, LogManager, UnexpectedAppendOffsetError
 
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
+
+
+class _ParkedFetch:
+    """A fetch waiting for data (see :meth:`ReplicaManager.fetch`): parked on each
+    partition it reads and in the manager's deadline heap until answered."""
+
+    __slots__ = ("deadline", "finished", "follower", "later", "manager", "partitions", "request")
+
+    def __init__(
+        self, manager: ReplicaManager, request: FetchRequest, follower: bool, deadline: float
+    ) -> None:
+        self.manager = manager
+        self.request = request
+        self.follower = follower
+        self.deadline = deadline
+        self.later = Later()
+        self.partitions: list[Partition] = []
+        self.finished = False
+
+    def poke(self) -> None:
+        """A fetched partition changed: answer if there is enough now."""
+        if self.finished:
+            return
+        if self.later.done:  # the connection is gone: nobody to answer
+            self.finish(None)
+            return
+        response = self.manager._answer_parked(self, at_deadline=False)
+        if response is not None:
+            self.finish(response)
+
+    def finish(self, response: FetchResponse | None) -> None:
+        self.finished = True
+        for p in self.partitions:
+            p.unpark(self)
+        if response is not None:
+            self.later.reply(response)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +158,11 @@ class ReplicaManager:
         self._pending = MetadataDelta()
         self._pending_event = trio.Event()
         self._nursery: trio.Nursery | None = None
+        # Parked fetches by deadline (see fetch), and when _expire_parked wakes next.
+        self._parked: list[tuple[float, int, _ParkedFetch]] = []
+        self._parked_seq = itertools.count()
+        self._parked_timer = math.inf
+        self._parked_wake = trio.Event()
         # Test hook (see fetch_delay_s): a slow or stalled follower.
         self._fetch_delay_s = 0.0
         self._fetch_delay_changed = trio.Event()
@@ -155,6 +199,7 @@ class ReplicaManager:
                 self._nursery = nursery
                 nursery.start_soon(self._metadata_loop)
                 nursery.start_soon(self._isr_shrink_loop)
+                nursery.start_soon(self._expire_parked)
                 task_status.started()
         finally:
             # Cleared on cancellation too: Raft may still apply metadata while the node
@@ -403,11 +448,15 @@ class ReplicaManager:
 
     # --- fetch ----------------------------------------------------------------------------
 
-    async def fetch(self, request: FetchRequest) -> FetchResponse:
+    def fetch(self, request: FetchRequest) -> FetchResponse | Later:
+        """Answer at once when there is enough to send (``min_bytes``), an error, or no
+        wait asked for; else park the request (an inline route returning a
+        :class:`Later`): every change of a fetched partition pokes it, and it is
+        answered from there once it has enough, or by :meth:`_expire_parked` at its
+        deadline. No task, cancel scope or event per long poll."""
         follower = request.replica_id >= 0
-        deadline = trio.current_time() + max(0, request.max_wait_ms) / 1000
+        now = trio.current_time()
         if follower:
-            now = trio.current_time()
             for fp in request.partitions:
                 p = self.partitions.get((fp.topic, fp.partition))
                 if (
@@ -417,29 +466,60 @@ class ReplicaManager:
                 ):
                     p.record_follower_fetch(request.replica_id, fp.fetch_offset, now)
                     self._maybe_alter_isr(p)
+        results, chunks, total, errors = self._read(request, follower)
+        deadline = now + max(0, request.max_wait_ms) / 1000
+        if (
+            total >= request.min_bytes
+            or errors
+            or now >= deadline
+            or not request.partitions
+            or self._nursery is None  # shutting down: nothing would expire it
+        ):
+            return FetchResponse(partitions=results, payload=chunks)
+        parked = _ParkedFetch(self, request, follower, deadline)
+        for fp in request.partitions:
+            p = self.partitions.get((fp.topic, fp.partition))
+            if p is not None:
+                parked.partitions.append(p)
+                p.park(parked)
+        heapq.heappush(self._parked, (deadline, next(self._parked_seq), parked))
+        if deadline < self._parked_timer:
+            self._parked_wake.set()
+        return parked.later
+
+    def _answer_parked(self, parked: _ParkedFetch, *, at_deadline: bool) -> FetchResponse | None:
+        """The answer for ``parked`` if it has enough now (or whatever there is, at its
+        deadline); None to keep waiting. Runs inside whatever changed the partition
+        (an append, a new HW, a role change), so nothing it does may escape into that:
+        an unexpected failure is this request's error, as it would be in a handler."""
+        request = parked.request
+        try:
+            results, chunks, total, errors = self._read(request, parked.follower)
+        except Exception as exc:
+            log.exception("answering a parked fetch failed")
+            error = UnknownServerError(f"{type(exc).__name__}: {exc}")
+            return FetchResponse(partitions=[_fetch_error(fp, error) for fp in request.partitions])
+        if at_deadline or total >= request.min_bytes or errors:
+            return FetchResponse(partitions=results, payload=chunks)
+        return None
+
+    def _finish_parked(self, parked: _ParkedFetch) -> None:
+        """Answer ``parked`` with what there is now (its deadline came)."""
+        parked.finish(self._answer_parked(parked, at_deadline=True))
+
+    async def _expire_parked(self) -> None:
+        """Answers parked fetches at their deadlines: one task and one timer for all."""
+        heap = self._parked
         while True:
-            results, chunks, total, errors = self._read(request, follower)
-            if (
-                total >= request.min_bytes
-                or errors
-                or trio.current_time() >= deadline
-                or not request.partitions
-            ):
-                return FetchResponse(partitions=results, payload=chunks)
-            event = trio.Event()
-            watched = [
-                p
-                for fp in request.partitions
-                if (p := self.partitions.get((fp.topic, fp.partition))) is not None
-            ]
-            for p in watched:
-                p.watch(event)
-            try:
-                with trio.move_on_at(deadline):
-                    await event.wait()
-            finally:
-                for p in watched:
-                    p.unwatch(event)
+            now = trio.current_time()
+            while heap and (heap[0][2].finished or heap[0][0] <= now):
+                parked = heapq.heappop(heap)[2]
+                if not parked.finished:
+                    self._finish_parked(parked)
+            self._parked_timer = heap[0][0] if heap else math.inf
+            self._parked_wake = trio.Event()
+            with trio.move_on_at(self._parked_timer):
+                await self._parked_wake.wait()
 
     def _read(
         self, request: FetchRequest, follower: bool

@@ -10,8 +10,9 @@ Routing: a handler is ``async def handler(request) -> response``. A :class:`Rout
 marked ``inline=True`` is run in the connection's read loop (no task spawn: use it
 for handlers that never block for long, e.g. metadata or a local append), so inline
 requests of one connection are handled in the order they arrived; an inline handler
-may return a :class:`Deferred` to finish the rest in a task, and may be a plain
-function (called with no coroutine at all: the cheapest way to answer a request).
+may return a :class:`Deferred` to finish the rest in a task, or a :class:`Later` to
+answer from elsewhere without a task (a parked long poll), and may be a plain function
+(called with no coroutine at all: the cheapest way to answer a request).
 Other handlers run in their own task, so a long-polling fetch does not hold up the
 requests behind it and responses may go out in a different order than requests came in.
 
@@ -78,7 +79,7 @@ log = logging.getLogger(__name__)
 _NO_BODY: Mapping[str, Any] = {}
 
 #: ``async def handler(request)``, or for an inline route also a plain function.
-Handler = Callable[[Any], "Awaitable[Message | Deferred] | Message | Deferred"]
+Handler = Callable[[Any], "Awaitable[Message | Deferred] | Message | Deferred | Later"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +99,45 @@ def _finisher(deferred: Deferred) -> Handler:
     return finish
 
 
+async def _wait_for(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
 def _awaited(awaitable: Awaitable[Message | Deferred]) -> Handler:
     async def result(_request: Any) -> Message | Deferred:
         return await awaitable
 
     return result
+
+
+class Later:
+    """What an inline handler returns to answer its request later without a task: it
+    keeps the ``Later`` and calls :meth:`reply` once, from anywhere in the server's
+    trio run (e.g. a long-polling fetch, answered by the append that brings its data or
+    by a shared timer). Until then the request counts as in flight, for ``max_in_flight``
+    and for :meth:`RpcServer.drain`. A reply after the connection closed does nothing;
+    :attr:`done` then tells a waiting holder that nobody wants the answer any more.
+    Not thread-safe: call it from the trio thread."""
+
+    __slots__ = ("_cid", "_conn", "_early", "done")
+
+    def __init__(self) -> None:
+        self._conn: _ServerConnection | None = None
+        self._cid: int | None = None
+        self._early: Message | None = None
+        #: Replied, or the connection is gone.
+        self.done = False
+
+    def reply(self, response: Message) -> None:
+        """Send ``response`` (at most once; later calls are ignored)."""
+        if self.done:
+            return
+        self.done = True
+        conn = self._conn
+        if conn is None:
+            self._early = response  # replied before the server took it: sent then
+            return
+        conn._later_replied(self, response)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,23 +324,63 @@ class _ServerConnection:
         if isinstance(stream, trio.SocketStream):
             self.fd = stream.socket.fileno()
         self.drained = True
+        #: Requests a handler answers later (see :class:`Later`), not yet answered.
+        self.laters: set[Later] = set()
+        self.nursery: trio.Nursery | None = None
 
     def close(self) -> None:
         self.closing = True
         self.cancel_scope.cancel()
 
     async def run(self) -> None:
-        with self.cancel_scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_then_close)
-                nursery.start_soon(self._idle_watchdog)
-                try:
-                    await self._read_loop(nursery)
-                    # Let the writer send what is queued (e.g. a protocol error reply).
-                    with trio.move_on_after(1):
-                        await self.writer.flush()
-                finally:
-                    nursery.cancel_scope.cancel()
+        try:
+            with self.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self._write_then_close)
+                    nursery.start_soon(self._idle_watchdog)
+                    try:
+                        await self._read_loop(nursery)
+                        # Let the writer send what is queued (e.g. a protocol error reply).
+                        with trio.move_on_after(1):
+                            await self.writer.flush()
+                    finally:
+                        # From here on nothing is answered (and the nursery takes no
+                        # new tasks): replies to laters go nowhere.
+                        self.closing = True
+                        nursery.cancel_scope.cancel()
+        finally:
+            self.closing = True
+            self.nursery = None
+            laters, self.laters = self.laters, set()
+            for later in laters:  # nobody can be answered now
+                later.done = True
+                self.in_flight -= 1
+                self.server._request_finished()
+
+    def _take_later(self, later: Later, cid: int | None) -> Awaitable[None] | None:
+        """An inline handler returned ``later``: it is in flight until replied."""
+        if later.done:  # replied already (or handed back twice: answered once)
+            early, later._early = later._early, None
+            return None if early is None else self._send_response(cid, early)
+        later._conn, later._cid = self, cid
+        self.laters.add(later)
+        self.in_flight += 1
+        self.server._request_started()
+        return None
+
+    def _later_replied(self, later: Later, response: Message) -> None:
+        if later not in self.laters:
+            return
+        self.laters.discard(later)
+        self.in_flight -= 1
+        self.server._request_finished()
+        self.slot_free.set()
+        if self.closing or self.nursery is None:
+            return
+        unfinished = self._send_response(later._cid, response)
+        if unfinished is not None:
+            self.nursery.start_soon(_wait_for, unfinished)
 
     async def _write_then_close(self) -> None:
         await self.writer.run()
@@ -416,6 +491,8 @@ class _ServerConnection:
         if isinstance(response, Deferred):
             # The ordered part is done; the waiting part runs in its own task.
             return self._spawn(nursery, cid, _finisher(response), request)
+        if isinstance(response, Later):
+            return self._take_later(response, cid)
         if not isinstance(response, Message) and inspect.isawaitable(response):
             # A callable object whose __call__ is async (not told apart up front).
             return self._inline(nursery, cid, _awaited(response), request)
@@ -474,7 +551,9 @@ class _ServerConnection:
         """Await ``handler`` and send its answer (none for a one-way request, ``cid``
         None); a :class:`Deferred` is handed back."""
         try:
-            response = await handler(request)  # type: ignore[misc]
+            response = handler(request)
+            if inspect.isawaitable(response):  # (a plain handler may run in a task too)
+                response = await response
         except DlogError as exc:
             await self._send_error(cid, exc)
             return None
@@ -483,7 +562,10 @@ class _ServerConnection:
             return None
         if isinstance(response, Deferred):
             return response
-        unfinished = self._send_response(cid, response)
+        if isinstance(response, Later):
+            unfinished = self._take_later(response, cid)
+        else:
+            unfinished = self._send_response(cid, response)
         if unfinished is not None:
             await unfinished
         return None

@@ -181,7 +181,7 @@ class DataPlaneCluster:
         server = RpcServer(
             {
                 "produce": Route(rm.produce, inline=True),
-                "fetch": rm.fetch,
+                "fetch": Route(rm.fetch, inline=True),
                 "list_offsets": Route(rm.list_offsets, inline=True),
                 "offsets_for_leader_epoch": Route(rm.offsets_for_leader_epoch, inline=True),
                 "replica_status": Route(rm.replica_status, inline=True),

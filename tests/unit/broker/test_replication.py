@@ -138,7 +138,7 @@ async def test_long_poll_wakes_on_new_data(tmp_path: Path) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(consume)
-            await wait_until(lambda: leader.rm.partitions[("t", 0)]._watchers)
+            await wait_until(lambda: leader.rm.partitions[("t", 0)]._parked)
             await produce(cluster, "t", b"x", acks=1)
         assert got == [[b"x"]]
 
@@ -349,3 +349,82 @@ async def test_a_stopped_replica_manager_takes_no_new_tasks(tmp_path: Path) -> N
         assert node.rm._nursery is not None
         await cluster.stop(1)
         assert node.rm._nursery is None
+
+
+async def test_parked_fetches_are_answered_once_by_data_or_deadline_and_leave_nothing(
+    tmp_path: Path,
+) -> None:
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t", rf=1)
+        leader = cluster.leader_of("t")
+        p = leader.rm.partitions[("t", 0)]
+        # Nothing comes: answered empty at the deadline, and no earlier.
+        start = trio.current_time()
+        with trio.fail_after(5):
+            resp, values = await fetch(cluster, leader.address, "t", 0, max_wait_ms=200)
+        assert values == [] and resp.partitions[0].error_code == 0
+        assert trio.current_time() - start >= 0.2
+        assert not p._parked and leader.server.in_flight == 0
+        # Data comes: answered by the append, long before the deadline.
+        got: list[list[bytes]] = []
+
+        async def consume() -> None:
+            got.append((await fetch(cluster, leader.address, "t", 0, max_wait_ms=60_000))[1])
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                await wait_until(lambda: p._parked)
+                await produce(cluster, "t", b"x", acks=1)
+        assert got == [[b"x"]]
+        assert not p._parked and leader.server.in_flight == 0
+
+
+async def test_a_parked_fetch_whose_client_went_away_is_dropped(tmp_path: Path) -> None:
+    from dlog.net import open_rpc_pool
+
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t", rf=1)
+        leader = cluster.leader_of("t")
+        p = leader.rm.partitions[("t", 0)]
+        async with open_rpc_pool() as pool:
+            await pool.start_call(
+                leader.address,
+                FetchRequest(
+                    max_wait_ms=60_000,
+                    partitions=[FetchPartition(topic="t", partition=0, fetch_offset=0)],
+                ),
+            )
+            await wait_until(lambda: p._parked)
+        # The client is gone; the next change of the partition lets go of its fetch.
+        await wait_until(lambda: leader.server.in_flight == 0)
+        assert p._parked
+        await produce(cluster, "t", b"x", acks=1)
+        assert not p._parked
+
+
+async def test_a_parked_fetch_that_fails_gets_an_error_and_the_append_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t", rf=1)
+        leader = cluster.leader_of("t")
+        p = leader.rm.partitions[("t", 0)]
+        responses: list[FetchResponse] = []
+
+        async def consume() -> None:
+            responses.append((await fetch(cluster, leader.address, "t", 0, max_wait_ms=60_000))[0])
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                await wait_until(lambda: p._parked)
+
+                def broken(*args: object) -> object:
+                    raise RuntimeError("bug in the read path")
+
+                monkeypatch.setattr(leader.rm, "_read", broken)
+                resp = await produce(cluster, "t", b"x", acks=1)
+        assert resp.partitions[0].error_code == 0  # the append that poked it is fine
+        assert responses[0].partitions[0].error_code == ErrorCode.UNKNOWN_SERVER_ERROR
+        assert not p._parked

@@ -12,7 +12,7 @@ import trio.testing
 from dlog.errors import NotLeaderError, UnknownServerError
 from dlog.net.client import ClientConfig, RpcConnection
 from dlog.net.messages import EchoRequest, EchoResponse, Message
-from dlog.net.server import Deferred, Route, RpcServer, ServerConfig
+from dlog.net.server import Deferred, Later, Route, RpcServer, ServerConfig
 from tests.unit.net.rpc_fixtures import (
     FailRequest,
     FailResponse,
@@ -113,3 +113,81 @@ async def test_a_plain_handler_answering_into_a_full_queue_waits_for_room() -> N
             for n, call in enumerate(calls):
                 response = await call.result()
                 assert isinstance(response, EchoResponse) and response.data == n
+
+
+async def test_a_later_is_answered_from_outside_the_handler_and_counts_as_in_flight() -> None:
+    parked: list[Later] = []
+
+    def park(req: WaitRequest) -> WaitResponse | Later:
+        if req.gate == "early":
+            later = Later()
+            later.reply(WaitResponse(gate="early"))  # answered before it is handed back
+            return later
+        later = Later()
+        parked.append(later)
+        return later
+
+    server = RpcServer({"test.wait": Route(park, inline=True)})
+    async with serving(server) as conn:
+        assert await conn.call(WaitRequest(gate="early")) == WaitResponse(gate="early")
+        first = await conn.start_call(WaitRequest(gate="a"))
+        second = await conn.start_call(WaitRequest(gate="b"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(parked) == 2
+        # Parked, yet the connection serves other requests meanwhile.
+        assert await conn.call(EchoRequest(data="meanwhile")) == EchoResponse(data="meanwhile")
+        assert server.in_flight == 2 and not first.done and not second.done
+        parked[1].reply(WaitResponse(gate="b"))
+        parked[1].reply(WaitResponse(gate="twice"))  # ignored
+        with trio.fail_after(5):
+            assert await second.result() == WaitResponse(gate="b")
+        assert server.in_flight == 1 and not first.done
+        parked[0].reply(WaitResponse(gate="a"))
+        with trio.fail_after(5):
+            assert await first.result() == WaitResponse(gate="a")
+        assert server.in_flight == 0 and all(later.done for later in parked)
+
+
+def parking_server() -> tuple[RpcServer, list[Later]]:
+    """A server whose test.wait handler parks every request in the returned list."""
+    parked: list[Later] = []
+
+    def park(req: WaitRequest) -> Later:
+        parked.append(Later())
+        return parked[-1]
+
+    return RpcServer({"test.wait": Route(park, inline=True)}), parked
+
+
+async def test_a_later_whose_connection_closed_is_done_and_its_reply_goes_nowhere() -> None:
+    server, parked = parking_server()
+    async with serving(server) as conn:
+        await conn.start_call(WaitRequest(gate="a"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.in_flight == 1 and not parked[0].done
+        server.drop_connections()
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.stats.connections_open == 0
+    assert parked[0].done and server.in_flight == 0
+    parked[0].reply(WaitResponse(gate="late"))  # nobody to answer: nothing happens
+
+
+async def test_drain_waits_for_laters() -> None:
+    server, parked = parking_server()
+    async with serving(server) as conn:
+        call = await conn.start_call(WaitRequest(gate="a"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert parked
+        async with trio.open_nursery() as nursery:
+            drained: list[bool] = []
+
+            async def drain() -> None:
+                drained.append(await server.drain(5))
+
+            nursery.start_soon(drain)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not drained  # still waiting for the parked request
+            parked[0].reply(WaitResponse(gate="a"))
+        assert drained == [True]
+        with trio.fail_after(5):
+            assert await call.result() == WaitResponse(gate="a")
