@@ -102,6 +102,7 @@ class _ParkedFetch:
         self.follower = follower
         self.deadline = deadline
         self.later = Later()
+        self.later.on_abandon = self.abandon
         self.partitions: list[Partition] = []
         self.finished = False
 
@@ -116,10 +117,17 @@ class _ParkedFetch:
         if response is not None:
             self.finish(response)
 
+    def abandon(self) -> None:
+        """Its connection went away: let go of it now, not at the next change."""
+        if not self.finished:
+            self.finish(None)
+
     def finish(self, response: FetchResponse | None) -> None:
         self.finished = True
         for p in self.partitions:
             p.unpark(self)
+        self.partitions = []
+        self.manager._parked_finished += 1  # its heap entry is dead weight from now
         if response is not None:
             self.later.reply(response)
 
@@ -161,6 +169,8 @@ class ReplicaManager:
         # Parked fetches by deadline (see fetch), and when _expire_parked wakes next.
         self._parked: list[tuple[float, int, _ParkedFetch]] = []
         self._parked_seq = itertools.count()
+        #: Entries of _parked already answered (removed lazily, or purged in bulk).
+        self._parked_finished = 0
         self._parked_timer = math.inf
         self._parked_wake = trio.Event()
         # Test hook (see fetch_delay_s): a slow or stalled follower.
@@ -482,7 +492,14 @@ class ReplicaManager:
             if p is not None:
                 parked.partitions.append(p)
                 p.park(parked)
-        heapq.heappush(self._parked, (deadline, next(self._parked_seq), parked))
+        heap = self._parked
+        if self._parked_finished > 64 and self._parked_finished * 2 > len(heap):
+            # Most entries were answered before their deadlines: drop them, so the heap
+            # holds about what is still parked rather than rate x max_wait_ms entries.
+            heap[:] = [entry for entry in heap if not entry[2].finished]
+            heapq.heapify(heap)
+            self._parked_finished = 0
+        heapq.heappush(heap, (deadline, next(self._parked_seq), parked))
         if deadline < self._parked_timer:
             self._parked_wake.set()
         return parked.later
@@ -510,16 +527,29 @@ class ReplicaManager:
     async def _expire_parked(self) -> None:
         """Answers parked fetches at their deadlines: one task and one timer for all."""
         heap = self._parked
-        while True:
-            now = trio.current_time()
-            while heap and (heap[0][2].finished or heap[0][0] <= now):
-                parked = heapq.heappop(heap)[2]
+        try:
+            while True:
+                now = trio.current_time()
+                while heap and (heap[0][2].finished or heap[0][0] <= now):
+                    parked = heapq.heappop(heap)[2]
+                    if parked.finished:
+                        self._parked_finished -= 1
+                    else:
+                        self._finish_parked(parked)
+                        self._parked_finished -= 1
+                self._parked_timer = heap[0][0] if heap else math.inf
+                self._parked_wake = trio.Event()
+                with trio.move_on_at(self._parked_timer):
+                    await self._parked_wake.wait()
+        finally:
+            # Stopping (the node shuts down): nothing would answer the parked ones.
+            parked_now = list(heap)
+            heap.clear()
+            for _, _, parked in parked_now:
                 if not parked.finished:
                     self._finish_parked(parked)
-            self._parked_timer = heap[0][0] if heap else math.inf
-            self._parked_wake = trio.Event()
-            with trio.move_on_at(self._parked_timer):
-                await self._parked_wake.wait()
+            self._parked_finished = 0
+            self._parked_timer = math.inf
 
     def _read(
         self, request: FetchRequest, follower: bool

@@ -116,10 +116,11 @@ class Later:
     trio run (e.g. a long-polling fetch, answered by the append that brings its data or
     by a shared timer). Until then the request counts as in flight, for ``max_in_flight``
     and for :meth:`RpcServer.drain`. A reply after the connection closed does nothing;
-    :attr:`done` then tells a waiting holder that nobody wants the answer any more.
+    :attr:`done` then tells a waiting holder that nobody wants the answer any more, and
+    :attr:`on_abandon`, if set, is called.
     Not thread-safe: call it from the trio thread."""
 
-    __slots__ = ("_cid", "_conn", "_early", "done")
+    __slots__ = ("_cid", "_conn", "_early", "done", "on_abandon")
 
     def __init__(self) -> None:
         self._conn: _ServerConnection | None = None
@@ -127,6 +128,9 @@ class Later:
         self._early: Message | None = None
         #: Replied, or the connection is gone.
         self.done = False
+        #: Called (once, from the connection's teardown) if the connection goes away
+        #: before the reply, so that the holder can let go of the request at once.
+        self.on_abandon: Callable[[], None] | None = None
 
     def reply(self, response: Message) -> None:
         """Send ``response`` (at most once; later calls are ignored)."""
@@ -355,11 +359,21 @@ class _ServerConnection:
             laters, self.laters = self.laters, set()
             for later in laters:  # nobody can be answered now
                 later.done = True
+                later._conn = None
                 self.in_flight -= 1
                 self.server._request_finished()
+                if later.on_abandon is not None:
+                    try:
+                        later.on_abandon()
+                    except Exception:
+                        log.exception("%s: a Later's on_abandon failed", self.server.name)
 
-    def _take_later(self, later: Later, cid: int | None) -> Awaitable[None] | None:
-        """An inline handler returned ``later``: it is in flight until replied."""
+    def _take_later(
+        self, later: Later, cid: int | None, *, in_read_loop: bool = True
+    ) -> Awaitable[None] | None:
+        """A handler returned ``later``: it is in flight until replied. In the read loop,
+        returns what stops reading while ``max_in_flight`` are (the read loop alone
+        corks the writer, so only it may wait that way)."""
         if later.done:  # replied already (or handed back twice: answered once)
             early, later._early = later._early, None
             return None if early is None else self._send_response(cid, early)
@@ -367,12 +381,15 @@ class _ServerConnection:
         self.laters.add(later)
         self.in_flight += 1
         self.server._request_started()
+        if in_read_loop and self.in_flight >= self.server.config.max_in_flight:
+            return self._until_a_slot_is_free()  # stop reading: backpressure
         return None
 
     def _later_replied(self, later: Later, response: Message) -> None:
         if later not in self.laters:
             return
         self.laters.discard(later)
+        later._conn = None
         self.in_flight -= 1
         self.server._request_finished()
         self.slot_free.set()
@@ -529,13 +546,18 @@ class _ServerConnection:
     async def _spawn_when_free(
         self, nursery: trio.Nursery, cid: int | None, handler: Handler, request: Message
     ) -> None:
+        await self._until_a_slot_is_free()
+        self._spawn(nursery, cid, handler, request)
+
+    async def _until_a_slot_is_free(self) -> None:
+        """Wait (and so stop reading this connection) while ``max_in_flight`` requests
+        are being handled."""
         max_in_flight = self.server.config.max_in_flight
         self.writer.uncork()  # answers already made must not wait behind us
         while self.in_flight >= max_in_flight:
             self.slot_free = trio.Event()
             await self.slot_free.wait()
         self.writer.cork()
-        self._spawn(nursery, cid, handler, request)
 
     async def _handle(self, cid: int | None, handler: Handler, request: Message) -> None:
         try:
@@ -563,7 +585,7 @@ class _ServerConnection:
         if isinstance(response, Deferred):
             return response
         if isinstance(response, Later):
-            unfinished = self._take_later(response, cid)
+            unfinished = self._take_later(response, cid, in_read_loop=False)
         else:
             unfinished = self._send_response(cid, response)
         if unfinished is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -351,6 +353,26 @@ async def test_a_stopped_replica_manager_takes_no_new_tasks(tmp_path: Path) -> N
         assert node.rm._nursery is None
 
 
+@asynccontextmanager
+async def parked_fetch(
+    cluster: DataPlaneCluster, topic: str, offset: int
+) -> AsyncIterator[list[FetchResponse]]:
+    """A long-polling fetch of ``topic``-0 from ``offset`` in the background, parked at
+    its leader when the block starts; its answer is in the yielded list after it."""
+    leader = cluster.leader_of(topic)
+    p = leader.rm.partitions[(topic, 0)]
+    got: list[FetchResponse] = []
+
+    async def consume() -> None:
+        got.append((await fetch(cluster, leader.address, topic, offset, max_wait_ms=60_000))[0])
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await wait_until(lambda: p._parked)
+            yield got
+
+
 async def test_parked_fetches_are_answered_once_by_data_or_deadline_and_leave_nothing(
     tmp_path: Path,
 ) -> None:
@@ -380,7 +402,7 @@ async def test_parked_fetches_are_answered_once_by_data_or_deadline_and_leave_no
         assert not p._parked and leader.server.in_flight == 0
 
 
-async def test_a_parked_fetch_whose_client_went_away_is_dropped(tmp_path: Path) -> None:
+async def test_a_parked_fetch_whose_client_went_away_is_dropped_at_once(tmp_path: Path) -> None:
     from dlog.net import open_rpc_pool
 
     async with dataplane_cluster(tmp_path) as cluster:
@@ -396,9 +418,10 @@ async def test_a_parked_fetch_whose_client_went_away_is_dropped(tmp_path: Path) 
                 ),
             )
             await wait_until(lambda: p._parked)
-        # The client is gone; the next change of the partition lets go of its fetch.
+        # The client is gone: its fetch is let go of at once, not at its deadline.
         await wait_until(lambda: leader.server.in_flight == 0)
-        assert p._parked
+        assert not p._parked
+        assert all(entry[2].finished for entry in leader.rm._parked)
         await produce(cluster, "t", b"x", acks=1)
         assert not p._parked
 
@@ -410,21 +433,33 @@ async def test_a_parked_fetch_that_fails_gets_an_error_and_the_append_goes_on(
         await cluster.create_topic("t", rf=1)
         leader = cluster.leader_of("t")
         p = leader.rm.partitions[("t", 0)]
-        responses: list[FetchResponse] = []
+        async with parked_fetch(cluster, "t", 0) as responses:
 
-        async def consume() -> None:
-            responses.append((await fetch(cluster, leader.address, "t", 0, max_wait_ms=60_000))[0])
+            def broken(*args: object) -> object:
+                raise RuntimeError("bug in the read path")
 
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(consume)
-                await wait_until(lambda: p._parked)
-
-                def broken(*args: object) -> object:
-                    raise RuntimeError("bug in the read path")
-
-                monkeypatch.setattr(leader.rm, "_read", broken)
-                resp = await produce(cluster, "t", b"x", acks=1)
+            monkeypatch.setattr(leader.rm, "_read", broken)
+            resp = await produce(cluster, "t", b"x", acks=1)
         assert resp.partitions[0].error_code == 0  # the append that poked it is fine
         assert responses[0].partitions[0].error_code == ErrorCode.UNKNOWN_SERVER_ERROR
         assert not p._parked
+
+
+async def test_answered_parked_fetches_do_not_pile_up_and_a_stop_answers_the_rest(
+    tmp_path: Path,
+) -> None:
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t", rf=1)
+        leader = cluster.leader_of("t")
+        p = leader.rm.partitions[("t", 0)]
+        for n in range(300):  # each answered by data long before its deadline
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch, cluster, leader.address, "t", n, 60_000)
+                await wait_until(lambda: p._parked)
+                await produce(cluster, "t", b"v%d" % n, acks=1)
+        assert len(leader.rm._parked) <= 130  # not one entry per fetch until its deadline
+        # A fetch still parked when the replica manager stops is answered then.
+        async with parked_fetch(cluster, "t", 300) as got:
+            assert leader.rm._nursery is not None
+            leader.rm._nursery.cancel_scope.cancel()
+        assert got[0].partitions[0].error_code == 0 and leader.server.in_flight == 0

@@ -148,7 +148,7 @@ async def test_a_later_is_answered_from_outside_the_handler_and_counts_as_in_fli
         assert server.in_flight == 0 and all(later.done for later in parked)
 
 
-def parking_server() -> tuple[RpcServer, list[Later]]:
+def parking_server(config: ServerConfig | None = None) -> tuple[RpcServer, list[Later]]:
     """A server whose test.wait handler parks every request in the returned list."""
     parked: list[Later] = []
 
@@ -156,7 +156,7 @@ def parking_server() -> tuple[RpcServer, list[Later]]:
         parked.append(Later())
         return parked[-1]
 
-    return RpcServer({"test.wait": Route(park, inline=True)}), parked
+    return RpcServer({"test.wait": Route(park, inline=True)}, config=config), parked
 
 
 async def test_a_later_whose_connection_closed_is_done_and_its_reply_goes_nowhere() -> None:
@@ -191,3 +191,21 @@ async def test_drain_waits_for_laters() -> None:
         assert drained == [True]
         with trio.fail_after(5):
             assert await call.result() == WaitResponse(gate="a")
+
+
+async def test_laters_count_against_max_in_flight() -> None:
+    server, parked = parking_server(ServerConfig(max_in_flight=2))
+    async with serving(server) as conn:
+        calls = [await conn.start_call(WaitRequest(gate=str(n))) for n in range(5)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(parked) == 2 and server.in_flight == 2  # it stopped reading
+        parked[0].reply(WaitResponse(gate="0"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(parked) == 3 and server.in_flight == 2
+        for n in range(1, 5):
+            await trio.testing.wait_all_tasks_blocked()
+            parked[n].reply(WaitResponse(gate=str(n)))
+        with trio.fail_after(5):
+            for n, call in enumerate(calls):
+                assert await call.result() == WaitResponse(gate=str(n))
+        assert server.in_flight == 0
