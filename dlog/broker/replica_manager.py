@@ -92,15 +92,12 @@ class _ParkedFetch:
     """A fetch waiting for data (see :meth:`ReplicaManager.fetch`): parked on each
     partition it reads and in the manager's deadline heap until answered."""
 
-    __slots__ = ("deadline", "finished", "follower", "later", "manager", "partitions", "request")
+    __slots__ = ("finished", "follower", "later", "manager", "partitions", "request")
 
-    def __init__(
-        self, manager: ReplicaManager, request: FetchRequest, follower: bool, deadline: float
-    ) -> None:
+    def __init__(self, manager: ReplicaManager, request: FetchRequest, follower: bool) -> None:
         self.manager = manager
         self.request = request
         self.follower = follower
-        self.deadline = deadline
         self.later = Later()
         self.later.on_abandon = self.abandon
         self.partitions: list[Partition] = []
@@ -109,9 +106,6 @@ class _ParkedFetch:
     def poke(self) -> None:
         """A fetched partition changed: answer if there is enough now."""
         if self.finished:
-            return
-        if self.later.done:  # the connection is gone: nobody to answer
-            self.finish(None)
             return
         response = self.manager._answer_parked(self, at_deadline=False)
         if response is not None:
@@ -486,7 +480,7 @@ class ReplicaManager:
             or self._nursery is None  # shutting down: nothing would expire it
         ):
             return FetchResponse(partitions=results, payload=chunks)
-        parked = _ParkedFetch(self, request, follower, deadline)
+        parked = _ParkedFetch(self, request, follower)
         for fp in request.partitions:
             p = self.partitions.get((fp.topic, fp.partition))
             if p is not None:
@@ -532,11 +526,9 @@ class ReplicaManager:
                 now = trio.current_time()
                 while heap and (heap[0][2].finished or heap[0][0] <= now):
                     parked = heapq.heappop(heap)[2]
-                    if parked.finished:
-                        self._parked_finished -= 1
-                    else:
+                    if not parked.finished:
                         self._finish_parked(parked)
-                        self._parked_finished -= 1
+                    self._parked_finished -= 1  # (finishing it counted it)
                 self._parked_timer = heap[0][0] if heap else math.inf
                 self._parked_wake = trio.Event()
                 with trio.move_on_at(self._parked_timer):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import pytest
 import trio
 import trio.testing
 
 from dlog.errors import NotLeaderError, UnknownServerError
-from dlog.net.client import ClientConfig, RpcConnection
+from dlog.net.client import ClientConfig
 from dlog.net.messages import EchoRequest, EchoResponse, Message
 from dlog.net.server import Deferred, Later, Route, RpcServer, ServerConfig
 from tests.unit.net.rpc_fixtures import (
@@ -21,19 +18,9 @@ from tests.unit.net.rpc_fixtures import (
     WaitRequest,
     WaitResponse,
 )
+from tests.unit.net.test_rpc_memory import connected
 
-
-@asynccontextmanager
-async def serving(server: RpcServer) -> AsyncIterator[RpcConnection]:
-    client_side, server_side = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.serve_stream, server_side)
-        conn = RpcConnection(client_side, "memory", ClientConfig(request_timeout_s=5))
-        await nursery.start(conn.run)
-        try:
-            yield conn
-        finally:
-            nursery.cancel_scope.cancel()
+CONFIG = ClientConfig(request_timeout_s=5)
 
 
 def fail(req: FailRequest) -> FailResponse:
@@ -77,7 +64,7 @@ async def test_plain_inline_handlers_answer_raise_and_defer() -> None:
         }
     )
     assert server._routes["echo"][3] and server._routes["test.fail"][3]
-    async with serving(server) as conn:
+    async with connected(server, CONFIG) as conn:
         assert await conn.call(EchoRequest(data=1)) == EchoResponse(data=1)
         assert await conn.call(FailRequest(kind="ok")) == FailResponse()
         with pytest.raises(NotLeaderError) as info:
@@ -107,7 +94,7 @@ async def test_a_plain_handler_answering_into_a_full_queue_waits_for_room() -> N
         return EchoResponse(data=req.data, payload=b"x" * 4096)
 
     server = RpcServer({"echo": Route(big, inline=True)}, config=ServerConfig(max_outbox_bytes=1))
-    async with serving(server) as conn:
+    async with connected(server, CONFIG) as conn:
         calls = [await conn.start_call(EchoRequest(data=n)) for n in range(20)]
         with trio.fail_after(5):
             for n, call in enumerate(calls):
@@ -128,7 +115,7 @@ async def test_a_later_is_answered_from_outside_the_handler_and_counts_as_in_fli
         return later
 
     server = RpcServer({"test.wait": Route(park, inline=True)})
-    async with serving(server) as conn:
+    async with connected(server, CONFIG) as conn:
         assert await conn.call(WaitRequest(gate="early")) == WaitResponse(gate="early")
         first = await conn.start_call(WaitRequest(gate="a"))
         second = await conn.start_call(WaitRequest(gate="b"))
@@ -161,7 +148,7 @@ def parking_server(config: ServerConfig | None = None) -> tuple[RpcServer, list[
 
 async def test_a_later_whose_connection_closed_is_done_and_its_reply_goes_nowhere() -> None:
     server, parked = parking_server()
-    async with serving(server) as conn:
+    async with connected(server, CONFIG) as conn:
         await conn.start_call(WaitRequest(gate="a"))
         await trio.testing.wait_all_tasks_blocked()
         assert server.in_flight == 1 and not parked[0].done
@@ -174,7 +161,7 @@ async def test_a_later_whose_connection_closed_is_done_and_its_reply_goes_nowher
 
 async def test_drain_waits_for_laters() -> None:
     server, parked = parking_server()
-    async with serving(server) as conn:
+    async with connected(server, CONFIG) as conn:
         call = await conn.start_call(WaitRequest(gate="a"))
         await trio.testing.wait_all_tasks_blocked()
         assert parked
@@ -195,7 +182,7 @@ async def test_drain_waits_for_laters() -> None:
 
 async def test_laters_count_against_max_in_flight() -> None:
     server, parked = parking_server(ServerConfig(max_in_flight=2))
-    async with serving(server) as conn:
+    async with connected(server, CONFIG) as conn:
         calls = [await conn.start_call(WaitRequest(gate=str(n))) for n in range(5)]
         await trio.testing.wait_all_tasks_blocked()
         assert len(parked) == 2 and server.in_flight == 2  # it stopped reading
