@@ -51,7 +51,7 @@ from dlog.errors import (
     error_from_wire,
 )
 from dlog.net.client import RpcPool
-from dlog.net.messages import payload_bytes
+from dlog.net.messages import Message, payload_bytes
 from dlog.net.protocol import (
     ACKS_ALL,
     ACKS_LEADER,
@@ -88,20 +88,56 @@ log = logging.getLogger(__name__)
 TopicPartition = tuple[str, int]
 
 
-class _ParkedFetch:
-    """A fetch waiting for data (see :meth:`ReplicaManager.fetch`): parked on each
-    partition it reads and in the manager's deadline heap until answered."""
+#: An acks=all wait: (index in the results, partition, last offset, leader epoch).
+_Wait = tuple[int, Partition, int, int]
 
-    __slots__ = ("finished", "follower", "later", "manager", "partitions", "request")
 
-    def __init__(self, manager: ReplicaManager, request: FetchRequest, follower: bool) -> None:
+class _Parked:
+    """A request answered later without a task (an inline handler's :class:`Later`):
+    parked on each partition it waits for, which pokes it at every change, and in the
+    manager's deadline heap, which expires it. Kafka's purgatory."""
+
+    __slots__ = ("finished", "later", "manager", "partitions")
+
+    def __init__(self, manager: ReplicaManager) -> None:
         self.manager = manager
-        self.request = request
-        self.follower = follower
         self.later = Later()
         self.later.on_abandon = self.abandon
         self.partitions: list[Partition] = []
         self.finished = False
+
+    def poke(self) -> None:
+        """A partition it waits for changed: answer if it can now."""
+        raise NotImplementedError
+
+    def expire(self) -> None:
+        """Its deadline came: answer with what there is."""
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Its connection went away: let go of it now, not at the next change."""
+        if not self.finished:
+            self.finish(None)
+
+    def finish(self, response: Message | None) -> None:
+        self.finished = True
+        for p in self.partitions:
+            p.unpark(self)
+        self.partitions = []
+        self.manager._parked_finished += 1  # its heap entry is dead weight from now
+        if response is not None:
+            self.later.reply(response)
+
+
+class _ParkedFetch(_Parked):
+    """A fetch waiting for data (see :meth:`ReplicaManager.fetch`)."""
+
+    __slots__ = ("follower", "request")
+
+    def __init__(self, manager: ReplicaManager, request: FetchRequest, follower: bool) -> None:
+        super().__init__(manager)
+        self.request = request
+        self.follower = follower
 
     def poke(self) -> None:
         """A fetched partition changed: answer if there is enough now."""
@@ -111,19 +147,83 @@ class _ParkedFetch:
         if response is not None:
             self.finish(response)
 
-    def abandon(self) -> None:
-        """Its connection went away: let go of it now, not at the next change."""
-        if not self.finished:
-            self.finish(None)
+    def expire(self) -> None:
+        self.finish(self.manager._answer_parked(self, at_deadline=True))
 
-    def finish(self, response: FetchResponse | None) -> None:
-        self.finished = True
-        for p in self.partitions:
-            p.unpark(self)
-        self.partitions = []
-        self.manager._parked_finished += 1  # its heap entry is dead weight from now
-        if response is not None:
-            self.later.reply(response)
+
+class _ParkedProduce(_Parked):
+    """An acks=all produce waiting for the HW to pass its batches (see
+    :meth:`ReplicaManager.produce`; Kafka's DelayedProduce)."""
+
+    __slots__ = ("request", "results", "waits")
+
+    def __init__(
+        self,
+        manager: ReplicaManager,
+        request: ProduceRequest,
+        results: list[ProducePartitionResult],
+        waits: list[_Wait],
+    ) -> None:
+        super().__init__(manager)
+        self.request = request
+        self.results = results
+        self.waits = waits
+
+    def poke(self) -> None:
+        """A written partition changed (new HW, new role): answer once none waits."""
+        if self.finished or not _replicated(self.waits):
+            return
+        self.expire()
+
+    def expire(self) -> None:
+        # Runs inside whatever changed the partition (a follower's fetch, a role
+        # change), so nothing may escape into that: a failure is this request's error.
+        try:
+            response = _produce_outcome(self.request, self.results, self.waits)
+        except Exception as exc:
+            log.exception("answering a parked produce failed")
+            error = UnknownServerError(f"{type(exc).__name__}: {exc}")
+            response = ProduceResponse(
+                partitions=[_produce_error(r.topic, r.partition, error) for r in self.results]
+            )
+        self.finish(response)
+
+
+def _replicated(waits: list[_Wait]) -> bool:
+    """Nothing left to wait for: every HW passed its batch, or its leadership moved."""
+    for _, p, last, epoch in waits:
+        if p.high_watermark <= last and p.role is Role.LEADER and p.leader_epoch == epoch:
+            return False
+    return True
+
+
+def _produce_outcome(
+    request: ProduceRequest, results: list[ProducePartitionResult], waits: list[_Wait]
+) -> ProduceResponse:
+    """The answer to an acks=all produce once it stops waiting (replicated, timed out,
+    or its leadership moved): each waiting partition's result or error."""
+    for i, p, last, epoch in waits:
+        r = results[i]
+        err: DlogError | None = None
+        if p.role is not Role.LEADER or p.leader_epoch != epoch:
+            err = NotLeaderError(
+                "leadership moved before the batch was replicated",
+                leader=p.info.leader,
+                leader_epoch=p.info.leader_epoch,
+            )
+        elif p.high_watermark <= last:
+            err = RequestTimedOutError(
+                f"{r.topic}-{r.partition}: not replicated to the ISR within "
+                f"{request.timeout_ms} ms"
+            )
+        elif len(p.isr) < p.config.min_insync_replicas:
+            err = NotEnoughReplicasAfterAppendError(
+                f"{r.topic}-{r.partition}: ISR shrank to {list(p.isr)} below "
+                f"min_insync_replicas={p.config.min_insync_replicas}"
+            )
+        if err is not None:
+            results[i] = _produce_error(r.topic, r.partition, err)
+    return ProduceResponse(partitions=results)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +260,9 @@ class ReplicaManager:
         self._pending = MetadataDelta()
         self._pending_event = trio.Event()
         self._nursery: trio.Nursery | None = None
-        # Parked fetches by deadline (see fetch), and when _expire_parked wakes next.
-        self._parked: list[tuple[float, int, _ParkedFetch]] = []
+        # Parked requests by deadline (see fetch, produce), and when _expire_parked
+        # wakes next.
+        self._parked: list[tuple[float, int, _Parked]] = []
         self._parked_seq = itertools.count()
         #: Entries of _parked already answered (removed lazily, or purged in bulk).
         self._parked_finished = 0
@@ -361,15 +462,17 @@ class ReplicaManager:
 
     # --- produce -------------------------------------------------------------------------
 
-    def produce(self, request: ProduceRequest) -> ProduceResponse | Deferred:
-        """Append every partition's batches at once, in request order (an inline route);
-        acks=all (and fsync-per-append) waits are finished by a :class:`Deferred`."""
+    def produce(self, request: ProduceRequest) -> ProduceResponse | Deferred | Later:
+        """Append every partition's batches at once, in request order (an inline route).
+        An acks=all request whose batches are not yet replicated is parked (a
+        :class:`Later`, answered by the change that moves the HW past them or at its
+        timeout, with no task); one that must fsync first is a :class:`Deferred`."""
         acks = request.acks
         if acks not in (ACKS_NONE, ACKS_LEADER, ACKS_ALL):
             raise InvalidRequiredAcksError(f"acks={acks}")
         payload = memoryview(payload_bytes(request.payload))
         results: list[ProducePartitionResult] = []
-        waits: list[tuple[int, Partition, int, int]] = []
+        waits: list[_Wait] = []
         appended: list[Partition] = []
         position = 0
         session_ok = self.hooks.session_ok()
@@ -411,43 +514,38 @@ class ReplicaManager:
         flushes = [p for p in appended if p.log.flush_before_ack]
         if not waits and not flushes:
             return ProduceResponse(partitions=results)
-        return Deferred(lambda: self._complete_produce(request, results, waits, flushes))
+        if flushes or self._nursery is None:
+            # fsync first (in a thread), or shutting down (nothing would expire a
+            # parked request): a task of the server's waits.
+            return Deferred(lambda: self._complete_produce(request, results, waits, flushes))
+        if _replicated(waits):  # e.g. the leader alone in its ISR
+            return _produce_outcome(request, results, waits)
+        # Park it: the follower fetch that moves the last HW past its batches answers
+        # it, from that fetch's handler; the deadline heap times it out.
+        parked = _ParkedProduce(self, request, results, waits)
+        for _, p, _, _ in waits:
+            if p not in parked.partitions:
+                parked.partitions.append(p)
+                p.park(parked)
+        self._park_until(trio.current_time() + request.timeout_ms / 1000, parked)
+        return parked.later
 
     async def _complete_produce(
         self,
         request: ProduceRequest,
         results: list[ProducePartitionResult],
-        waits: list[tuple[int, Partition, int, int]],
+        waits: list[_Wait],
         flushes: list[Partition],
     ) -> ProduceResponse:
-        """The part of a produce that waits: fsync (flush_messages) and replication."""
+        """A produce that must fsync before it answers (flush_messages=1): fsync,
+        then wait for replication as a parked produce would."""
         for p in flushes:
             await p.log.flush()
         if waits:
             with trio.move_on_after(request.timeout_ms / 1000):
                 for _, p, last, _epoch in waits:
                     await p.wait_for_high_watermark(last)
-            for i, p, last, epoch in waits:
-                r = results[i]
-                err: DlogError | None = None
-                if p.role is not Role.LEADER or p.leader_epoch != epoch:
-                    err = NotLeaderError(
-                        "leadership moved before the batch was replicated",
-                        leader=p.info.leader,
-                        leader_epoch=p.info.leader_epoch,
-                    )
-                elif p.high_watermark <= last:
-                    err = RequestTimedOutError(
-                        f"{r.topic}-{r.partition}: not replicated to the ISR within "
-                        f"{request.timeout_ms} ms"
-                    )
-                elif len(p.isr) < p.config.min_insync_replicas:
-                    err = NotEnoughReplicasAfterAppendError(
-                        f"{r.topic}-{r.partition}: ISR shrank to {list(p.isr)} below "
-                        f"min_insync_replicas={p.config.min_insync_replicas}"
-                    )
-                if err is not None:
-                    results[i] = _produce_error(r.topic, r.partition, err)
+            return _produce_outcome(request, results, waits)
         return ProduceResponse(partitions=results)
 
     # --- fetch ----------------------------------------------------------------------------
@@ -469,7 +567,10 @@ class ReplicaManager:
                     and fp.current_leader_epoch in (NO_EPOCH, p.leader_epoch)
                 ):
                     p.record_follower_fetch(request.replica_id, fp.fetch_offset, now)
-                    self._maybe_alter_isr(p)
+                    if request.replica_id not in p.info.isr:
+                        # A fetch can only bring its follower into the ISR; dropping
+                        # laggards is _isr_shrink_loop's job (as in Kafka).
+                        self._maybe_alter_isr(p)
         results, chunks, total, errors = self._read(request, follower)
         deadline = now + max(0, request.max_wait_ms) / 1000
         if (
@@ -486,6 +587,11 @@ class ReplicaManager:
             if p is not None:
                 parked.partitions.append(p)
                 p.park(parked)
+        self._park_until(deadline, parked)
+        return parked.later
+
+    def _park_until(self, deadline: float, parked: _Parked) -> None:
+        """Put ``parked`` in the deadline heap (:meth:`_expire_parked` serves it)."""
         heap = self._parked
         if self._parked_finished > 64 and self._parked_finished * 2 > len(heap):
             # Most entries were answered before their deadlines: drop them, so the heap
@@ -496,7 +602,6 @@ class ReplicaManager:
         heapq.heappush(heap, (deadline, next(self._parked_seq), parked))
         if deadline < self._parked_timer:
             self._parked_wake.set()
-        return parked.later
 
     def _answer_parked(self, parked: _ParkedFetch, *, at_deadline: bool) -> FetchResponse | None:
         """The answer for ``parked`` if it has enough now (or whatever there is, at its
@@ -514,12 +619,8 @@ class ReplicaManager:
             return FetchResponse(partitions=results, payload=chunks)
         return None
 
-    def _finish_parked(self, parked: _ParkedFetch) -> None:
-        """Answer ``parked`` with what there is now (its deadline came)."""
-        parked.finish(self._answer_parked(parked, at_deadline=True))
-
     async def _expire_parked(self) -> None:
-        """Answers parked fetches at their deadlines: one task and one timer for all."""
+        """Answers parked requests at their deadlines: one task and one timer for all."""
         heap = self._parked
         try:
             while True:
@@ -527,7 +628,7 @@ class ReplicaManager:
                 while heap and (heap[0][2].finished or heap[0][0] <= now):
                     parked = heapq.heappop(heap)[2]
                     if not parked.finished:
-                        self._finish_parked(parked)
+                        parked.expire()
                     self._parked_finished -= 1  # (finishing it counted it)
                 self._parked_timer = heap[0][0] if heap else math.inf
                 self._parked_wake = trio.Event()
@@ -539,7 +640,7 @@ class ReplicaManager:
             heap.clear()
             for _, _, parked in parked_now:
                 if not parked.finished:
-                    self._finish_parked(parked)
+                    parked.expire()
             self._parked_finished = 0
             self._parked_timer = math.inf
 

@@ -463,3 +463,145 @@ async def test_answered_parked_fetches_do_not_pile_up_and_a_stop_answers_the_res
             assert leader.rm._nursery is not None
             leader.rm._nursery.cancel_scope.cancel()
         assert got[0].partitions[0].error_code == 0 and leader.server.in_flight == 0
+
+
+def parked_produces(p: object) -> list[object]:
+    from dlog.broker.replica_manager import _ParkedProduce
+
+    return [x for x in p._parked if isinstance(x, _ParkedProduce)]  # type: ignore[attr-defined]
+
+
+async def stall_followers(cluster: DataPlaneCluster, topic: str) -> None:
+    leader = cluster.leader_of(topic)
+    for node in cluster.nodes.values():
+        if node is not leader:
+            node.rm.fetch_delay_s = 3600
+            q = node.rm.partitions[(topic, 0)]
+            node.rm._start_fetcher(q, q.info)
+
+
+async def resume_followers(cluster: DataPlaneCluster, topic: str) -> None:
+    leader = cluster.leader_of(topic)
+    for node in cluster.nodes.values():
+        if node is not leader:
+            node.rm.fetch_delay_s = 0
+
+
+async def test_parked_produces_are_answered_by_replication_timeout_or_a_move(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=60_000) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"warm")
+        leader = cluster.leader_of("t")
+        p = leader.rm.partitions[("t", 0)]
+        await stall_followers(cluster, "t")
+        # Not replicated in time: REQUEST_TIMED_OUT at the request's timeout, no earlier.
+        start = trio.current_time()
+        resp = await produce(cluster, "t", b"slow", timeout_ms=300)
+        assert resp.partitions[0].error_code == ErrorCode.REQUEST_TIMED_OUT
+        assert trio.current_time() - start >= 0.3
+        assert not parked_produces(p)
+        # Parked (no task waits for it), then answered by the fetch that moves the HW.
+        got: list[ProduceResponse] = []
+
+        async def send(value: bytes) -> None:
+            got.append(await produce(cluster, "t", value, timeout_ms=60_000))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send, b"replicated")
+                await wait_until(lambda: parked_produces(p))
+                await resume_followers(cluster, "t")
+        assert got[0].partitions[0].error_code == 0
+        assert got[0].partitions[0].base_offset == 2
+        assert p.high_watermark == 3 and not parked_produces(p)
+        # Leadership moves while it waits: NOT_LEADER_OR_FOLLOWER at once.
+        await stall_followers(cluster, "t")
+        got.clear()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send, b"moved")
+                await wait_until(lambda: parked_produces(p))
+                other = next(n for n in p.info.replicas if n != leader.node_id)
+                p.become_follower(
+                    dataclasses.replace(p.info, leader=other, leader_epoch=p.leader_epoch + 1)
+                )
+        assert got[0].partitions[0].error_code == ErrorCode.NOT_LEADER_OR_FOLLOWER
+        assert not parked_produces(p)
+
+
+async def test_a_parked_produce_whose_client_went_away_is_dropped_at_once(
+    tmp_path: Path,
+) -> None:
+    from dlog.net import open_rpc_pool
+
+    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=60_000) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"warm")
+        leader = cluster.leader_of("t")
+        p = leader.rm.partitions[("t", 0)]
+        await stall_followers(cluster, "t")
+        data = batch(b"x")
+        async with open_rpc_pool() as pool:
+            await pool.start_call(
+                leader.address,
+                ProduceRequest(
+                    acks=-1,
+                    timeout_ms=60_000,
+                    partitions=[ProducePartition(topic="t", partition=0, size=len(data))],
+                    payload=data,
+                ),
+            )
+            await wait_until(lambda: parked_produces(p))
+        # The client is gone: its produce is let go of at once, not at its timeout.
+        await wait_until(lambda: not parked_produces(p))
+        assert all(entry[2].finished for entry in leader.rm._parked)
+
+
+async def test_a_parked_produce_that_fails_gets_an_error_and_replication_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dlog.broker.replica_manager as rm_module
+
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"warm")
+        leader = cluster.leader_of("t")
+        p = leader.rm.partitions[("t", 0)]
+
+        def broken(*args: object) -> object:
+            raise RuntimeError("bug in the produce answer")
+
+        monkeypatch.setattr(rm_module, "_produce_outcome", broken)
+        resp = await produce(cluster, "t", b"x")
+        assert resp.partitions[0].error_code == ErrorCode.UNKNOWN_SERVER_ERROR
+        # The follower fetch whose HW move answered it went on as if nothing happened.
+        await wait_until(lambda: p.high_watermark == 2 and logs_equal(cluster, "t"))
+        assert leader.server.stats.error_responses == 0
+        assert leader.server.stats.handler_crashes == 0
+        assert not parked_produces(p)
+
+
+async def test_a_stopping_replica_manager_answers_parked_produces(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=60_000) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"warm")
+        leader = cluster.leader_of("t")
+        p = leader.rm.partitions[("t", 0)]
+        await stall_followers(cluster, "t")
+        got: list[ProduceResponse] = []
+
+        async def send() -> None:
+            got.append(await produce(cluster, "t", b"x", timeout_ms=60_000))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                await wait_until(lambda: parked_produces(p))
+                assert leader.rm._nursery is not None
+                leader.rm._nursery.cancel_scope.cancel()
+        assert got[0].partitions[0].error_code == ErrorCode.REQUEST_TIMED_OUT
+        assert not parked_produces(p)
