@@ -82,6 +82,8 @@ log = logging.getLogger(__name__)
 
 TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 INTERNAL_TOPICS = frozenset({"__consumer_offsets"})
+#: A Raft membership change not applied after this long is logged (and waited for again).
+MEMBERSHIP_CHANGE_WARN_S = 30.0
 
 
 def validate_topic_name(name: str) -> None:
@@ -156,6 +158,7 @@ class Controller:
         self.tick_s = tick_s
         self._lock = trio.Lock()
         self._wake = trio.Event()
+        self._membership_wake = trio.Event()
         self._activated_at = 0.0
         self._active = False
         #: node id -> incarnation of brokers in a controlled shutdown.
@@ -169,6 +172,7 @@ class Controller:
     def wake(self) -> None:
         """Something changed (metadata applied, gossip event): reconcile soon."""
         self._wake.set()
+        self._membership_wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._activated_at = trio.current_time()
@@ -178,6 +182,7 @@ class Controller:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reconcile_loop)
+                nursery.start_soon(self._membership_loop)
                 task_status.started()
         finally:
             self._active = False
@@ -226,9 +231,29 @@ class Controller:
             self._wake = trio.Event()
             try:
                 await self.reconcile_once()
-                await self._manage_membership()
             except DlogError as exc:
                 log.warning("controller reconcile failed: %s", exc)
+
+    async def _membership_loop(self) -> None:
+        """Raft membership follows the registered brokers, in a loop of its own: a
+        change waits until Raft applies it, and that must never hold up fencing and
+        failover (:meth:`_reconcile_loop`), least of all when a member is down."""
+        while True:
+            with trio.move_on_after(self.tick_s):
+                await self._membership_wake.wait()
+            self._membership_wake = trio.Event()
+            try:
+                with trio.move_on_after(MEMBERSHIP_CHANGE_WARN_S) as waited:
+                    await self._manage_membership()
+                if waited.cancelled_caught:
+                    # Still pending in Raft: the next pass finds it in progress and
+                    # waits for it again.
+                    log.warning(
+                        "a Raft membership change is not applied after %.0f s",
+                        MEMBERSHIP_CHANGE_WARN_S,
+                    )
+            except DlogError as exc:
+                log.warning("controller membership change failed: %s", exc)
 
     async def reconcile_once(self) -> None:
         async with self._lock:
