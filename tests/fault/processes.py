@@ -169,6 +169,14 @@ class ProcessCluster:
         os.kill(pid, signal.SIGCONT)
         self.paused.discard(pid)
 
+    def start(self, node_id: int) -> int:
+        """Start one node that is not running (as ``cluster up`` would, but without
+        waiting for the cluster to be ready); its pid, remembered for cleanup."""
+        assert not self.running(node_id), f"node {node_id} is already running"
+        pid = start_node(self.spec, self.spec.node(node_id)).pid
+        self.pids.add(pid)
+        return pid
+
     async def cluster_up(self, *, timeout: float = 60) -> str:
         """``dlogctl cluster up`` on this cluster's data dir: starts the nodes that are
         not running and waits until the cluster is ready. Its output."""

@@ -258,18 +258,23 @@ def read_replica_log(data_dir: Path, topic: str, partition: int, upper: int | No
 
 
 def compare_replica_logs(
-    cluster: ProcessCluster, topic: str, hws: dict[int, int]
+    cluster: ProcessCluster,
+    topic: str,
+    hws: dict[int, int],
+    replicas: dict[int, list[int]] | None = None,
 ) -> dict[int, list[bytes]]:
     """Every replica's bytes below the HW are identical (the cluster must be stopped);
-    the values each partition holds."""
+    the values each partition holds. ``replicas``: each partition's replica nodes
+    (default: every node holds every partition)."""
     values: dict[int, list[bytes]] = {}
     for p, hw in hws.items():
-        logs = {n: read_replica_log(cluster.data_dir(n), topic, p, hw) for n in cluster.node_ids}
-        reference = logs[cluster.node_ids[0]]
+        nodes = cluster.node_ids if replicas is None else replicas[p]
+        logs = {n: read_replica_log(cluster.data_dir(n), topic, p, hw) for n in nodes}
+        reference = logs[nodes[0]]
         for n, data in logs.items():
             assert data == reference, (
                 f"{topic}-{p}: node {n}'s log below HW {hw} differs from node "
-                f"{cluster.node_ids[0]}'s ({len(data)} vs {len(reference)} bytes)"
+                f"{nodes[0]}'s ({len(data)} vs {len(reference)} bytes)"
             )
         records = decode_records(reference)
         assert [r.offset for r in records] == list(range(hw)), f"{topic}-{p}: offsets not dense"
