@@ -76,11 +76,6 @@ async def test_restarted_leader_with_a_torn_tail_does_not_truncate_its_followers
         assert not missing, f"{len(missing)} acknowledged records lost, first {missing[:3]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="offsets.GroupCoordinator.commit applies a commit to its in-memory map when "
-    "its wait for the HW ends, in trio's (random) wake order, not log order",
-)
 async def test_concurrent_offset_commits_leave_the_last_appended_one(tmp_path: Path) -> None:
     """Two commits for one (group, topic, partition) in flight at once, both
     acknowledged: OffsetFetch must return the one appended last, which is also what a
