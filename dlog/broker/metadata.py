@@ -373,6 +373,14 @@ class MetadataImage:
             for name, topic_id, n in before_topics
             if (name, topic_id) not in after
         ]
+        everything = self.everything()
+        everything.deleted_topics = delta.deleted_topics
+        return everything
+
+    def everything(self) -> MetadataDelta:
+        """A delta naming every topic, partition and broker of the image (for a
+        broker that starts acting on the metadata as it is now)."""
+        delta = MetadataDelta()
         delta.created_topics = set(self.topics)
         delta.partitions = {(p.topic, p.partition) for p in self.partitions()}
         delta.brokers = set(self.brokers)

@@ -372,22 +372,35 @@ class Broker:
         self._after_metadata(delta)
 
     def _after_metadata(self, delta: MetadataDelta) -> None:
-        if self._replicas is not None and not delta.empty:
-            self._replicas.on_metadata(delta)
+        """Let the data plane follow the metadata -- from the moment the controller
+        unfences this process on. Before that the image is whatever the local Raft log
+        replays (a node that restarts goes through every state it once saw: leading,
+        following, at old epochs) and acting on it would truncate replicas to stale
+        leaders; the controller unfences a broker once it has caught up with the
+        metadata log and holds no leadership from before (see reconcile), so from
+        then on the image is current. (Kafka's brokers wait for their metadata to
+        catch up the same way.)"""
         if self.controller is not None:
             self.controller.wake()
+        replicas = self._replicas
+        if replicas is None:
+            return
+        if self._caught_up_once:
+            if not delta.empty:
+                replicas.on_metadata(delta)
+            return
         me = self.image.brokers.get(self.node_id)
-        if (
-            not self._caught_up_once
-            and me is not None
-            and me.incarnation == self.incarnation
-            and not me.fenced
-            and self._replicas is not None
-        ):
-            # Unfenced means the controller saw us caught up: stray logs can go.
+        if me is not None and me.incarnation == self.incarnation and not me.fenced:
             self._caught_up_once = True
-            if self._replicas._nursery is not None:
-                self._replicas._nursery.start_soon(self._replicas.remove_stray_logs)
+            log.info(
+                "node %d: unfenced with metadata at %d; serving replicas",
+                self.node_id,
+                self.image.applied_index,
+            )
+            replicas.on_metadata(self.image.everything())
+            # Stray logs (of topics deleted while this node was away) can go now.
+            if replicas._nursery is not None:
+                replicas._nursery.start_soon(replicas.remove_stray_logs)
 
     def _session_ok(self) -> bool:
         if self._quorum is None:

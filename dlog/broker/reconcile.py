@@ -8,7 +8,10 @@ lost -- the next reconcile sees its effect.
 Rules, as DESIGN.md "Liveness, fencing and failover" and "Replication" fix them:
 
 - A broker that is not live is fenced. A fenced broker that is live, caught up with
-  the metadata log, and not shutting down is unfenced.
+  the metadata log, and not shutting down is unfenced -- once it leads nothing and is
+  in no ISR it could leave (a restarted process registers fenced: its leaderships
+  move, with a new leader epoch, and it leaves the ISRs before it is unfenced, for it
+  may have lost its unflushed tail).
 - A partition's leader must be an unfenced ISR member. When it is not, the first
   replica (in preference order) that is an unfenced ISR member leads; with none, the
   partition is offline (leader None) unless ``unclean_leader_election`` lets any
@@ -48,16 +51,25 @@ def reconcile(
     """Every record needed to bring the metadata in line with ``liveness``."""
     records: list[Record] = []
     usable: set[int] = set()
+    returning = []
     for broker in image.brokers.values():
         node = broker.node_id
         is_live = node in liveness.live and node not in liveness.shutting_down
         if not broker.fenced and not is_live:
             records.append(FenceBroker(node_id=node, incarnation=broker.incarnation))
         elif broker.fenced and is_live and node in liveness.caught_up:
-            records.append(UnfenceBroker(node_id=node, incarnation=broker.incarnation))
-            usable.add(node)
+            returning.append(broker)
         elif not broker.fenced and is_live:
             usable.add(node)
+    for broker in sorted(returning, key=lambda b: b.node_id):
+        # A fenced broker (e.g. a restarted process: it registers fenced) is unfenced
+        # only once it leads nothing and has left every ISR it can leave. Until then
+        # the elections below move its leaderships (a new leader epoch) and drop it from
+        # ISRs: a process that crashed may have lost its unflushed tail, so it must not
+        # go on leading, or count toward the HW, at its old epochs.
+        if not _holds_anything(image, broker.node_id, usable):
+            records.append(UnfenceBroker(node_id=broker.node_id, incarnation=broker.incarnation))
+            usable.add(broker.node_id)
     for partition in image.partitions():
         change = elect(
             partition,
@@ -68,6 +80,18 @@ def reconcile(
         if change is not None:
             records.append(change)
     return records
+
+
+def _holds_anything(image: MetadataImage, node: int, usable: Collection[int]) -> bool:
+    """Does fenced ``node`` still lead a partition, or sit in an ISR that a usable
+    broker is also in (one it would be dropped from)? An ISR whose members are all
+    fenced keeps them (see :func:`elect`), so that does not count."""
+    for p in image.partitions():
+        if p.leader == node:
+            return True
+        if node in p.isr and any(r != node and r in usable for r in p.isr):
+            return True
+    return False
 
 
 def elect(

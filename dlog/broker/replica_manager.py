@@ -898,6 +898,17 @@ class ReplicaManager:
         latest = plog.latest_epoch
         if latest is None:
             return
+        if latest > epoch:
+            # Our log has batches of a later leader epoch than the one we are told to
+            # follow: this metadata is stale (a newer leader wrote them). Truncating to
+            # what the older leader knows would throw away records a newer epoch may
+            # have committed; wait for newer metadata instead (it restarts us).
+            raise FencedLeaderEpochError(
+                f"{p.topic}-{p.partition}: the log is at leader epoch {latest}, newer "
+                f"than the epoch {epoch} to follow; waiting for newer metadata",
+                leader_epoch=epoch,
+                latest_epoch=latest,
+            )
         request = OffsetsForLeaderEpochRequest(
             replica_id=self.node_id,
             partitions=[

@@ -320,3 +320,74 @@ async def test_fourth_node_is_a_learner_and_node_remove_takes_a_node_out(tmp_pat
             await wait_for(lambda: cluster.members[voter].broker.stopped.is_set())
             assert cluster.members[voter].broker.removed
             await client.create_topic("after", partitions=1, replication_factor=2)
+
+
+async def test_a_restarted_broker_acts_only_on_current_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted node replays its own metadata log, which holds every state it once
+    saw (leading, following, at old epochs). It must act on none of them -- a stale
+    leader makes followers truncate -- only on the metadata from its unfencing on; and
+    a node that restarts before anyone fenced it (within the session timeout) leaves
+    its leaderships and ISRs first, at a new leader epoch."""
+    from dlog.broker.partition import Partition
+
+    transitions: list[tuple[int, str, str, int, int]] = []
+    real_leader, real_follower = Partition.become_leader, Partition.become_follower
+
+    def become_leader(self: Partition, info: object, now: float) -> None:
+        epoch = info.leader_epoch  # type: ignore[attr-defined]
+        transitions.append((self.node_id, "leader", self.topic, self.partition, epoch))
+        real_leader(self, info, now)  # type: ignore[arg-type]
+
+    def become_follower(self: Partition, info: object) -> None:
+        epoch = info.leader_epoch  # type: ignore[attr-defined]
+        transitions.append((self.node_id, "follower", self.topic, self.partition, epoch))
+        real_follower(self, info)  # type: ignore[arg-type]
+
+    def check(victim: int, topic: str, before: dict[int, tuple[int | None, int]]) -> None:
+        mine = [t for t in transitions if t[0] == victim and t[2] == topic]
+        assert mine
+        for _, role, _, partition, epoch in mine:
+            # Never at an epoch older than the current one, nor at one it led before.
+            leader, current = before[partition]
+            assert epoch >= current, (role, partition, epoch, before)
+            assert leader != victim or epoch > current, (role, partition, epoch, before)
+
+    monkeypatch.setattr(Partition, "become_leader", become_leader)
+    monkeypatch.setattr(Partition, "become_follower", become_follower)
+    async with inprocess_cluster(tmp_path) as cluster:
+        ctrl = cluster.controller()
+        assert ctrl is not None
+        image = ctrl.broker.image
+        victim = next(n for n in (1, 2, 3) if n != ctrl.node_id)
+        async with cluster.client() as client:
+            await client.create_topic("t", partitions=6, replication_factor=3)
+            await client.wait_for_topic("t")
+        await wait_for(lambda: all(len(p.isr) == 3 for p in image.topics["t"].partitions))
+        # Killed; its leaderships move while it is away; it returns. Its own metadata
+        # log still shows it leading at the old epochs.
+        await cluster.kill(victim)
+        await wait_for(lambda: all(lead != victim for lead, _ in leaders(cluster, "t").values()))
+        moved = leaders(cluster, "t")
+        del transitions[:]
+        await cluster.start(victim)
+        await cluster.wait_ready()
+        await wait_for(lambda: all(victim in p.isr for p in image.topics["t"].partitions), 30)
+        check(victim, "t", moved)
+        # Restarted at once, before anyone fenced it: a new process of the same node.
+        async with cluster.client() as client:
+            await client.create_topic("u", partitions=6, replication_factor=3)
+            await client.wait_for_topic("u")
+        await wait_for(lambda: all(len(p.isr) == 3 for p in image.topics["u"].partitions))
+        before = leaders(cluster, "u")
+        assert any(lead == victim for lead, _ in before.values())
+        await cluster.kill(victim)
+        del transitions[:]
+        await cluster.start(victim)
+        await cluster.wait_ready()
+        await wait_for(lambda: all(victim in p.isr for p in image.topics["u"].partitions), 30)
+        check(victim, "u", before)
+        for p in image.topics["u"].partitions:
+            if before[p.partition][0] == victim:
+                assert p.leader_epoch > before[p.partition][1]

@@ -34,7 +34,7 @@ from dlogctl.local import (
     start_node,
 )
 
-from dlog.errors import DlogError
+from dlog.errors import DlogError, error_from_wire
 from dlog.net.client import ClientConfig, RpcPool, open_rpc_pool
 from dlog.net.messages import Message
 from dlog.net.protocol import (
@@ -259,7 +259,9 @@ class ProcessCluster:
         response = await self.call(node_id, MetadataRequest(topics=[topic]), MetadataResponse)
         meta = next(t for t in response.topics if t.name == topic)
         if meta.error_code:
-            raise AssertionError(f"node {node_id}: {topic}: {meta.error_message}")
+            # A DlogError, so that eventually() reads it as "not yet" (a restarted node
+            # may not know the topic for a moment).
+            raise error_from_wire(meta.error_code, f"node {node_id}: {topic}: {meta.error_message}")
         return {p.partition: p for p in meta.partitions}
 
     async def replica_status(self, node_id: int, topic: str) -> ReplicaStatusResponse:

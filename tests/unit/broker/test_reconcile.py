@@ -168,3 +168,61 @@ def test_controlled_shutdown_of_sole_isr_member_is_stuck() -> None:
     run(image, {1})
     changes, stuck = move_leaderships_off(image, 1, {1})
     assert (changes, stuck) == ([], 1)
+
+
+def restart(image: MetadataImage, node: int, incarnation: str) -> None:
+    """``node``'s process restarted and registered again (before anyone fenced it)."""
+    record = RegisterBroker(
+        node_id=node, directory_id="d", incarnation=incarnation, rpc="", gossip="", raft=""
+    )
+    image.apply_entry(image.applied_index + 1, encode_batch([record]))
+
+
+def test_a_restarted_leader_loses_its_leaderships_and_isrs_before_it_is_unfenced() -> None:
+    image = cluster()
+    before = {p.partition: p for p in image.partitions()}
+    restart(image, 1, "i2")
+    assert image.brokers[1].fenced
+    # First pass: it is live and caught up, but still leads t-0 and is in every ISR.
+    records = run(image, {1, 2, 3})
+    assert UnfenceBroker(node_id=1, incarnation="i2") not in records
+    for p in image.partitions():
+        assert p.leader != 1 and 1 not in p.isr
+    p0 = image.partition("t", 0)
+    assert p0 is not None
+    assert (p0.leader, p0.leader_epoch) == (2, before[0].leader_epoch + 1)
+    # Second pass: it holds nothing now, so it is unfenced; it rejoins ISRs as a
+    # follower once it has caught up (the leader proposes that), not here.
+    assert run(image, {1, 2, 3}) == [UnfenceBroker(node_id=1, incarnation="i2")]
+    assert not image.brokers[1].fenced
+    assert run(image, {1, 2, 3}) == []
+
+
+def test_a_restarted_sole_isr_member_leads_again_at_a_new_epoch() -> None:
+    image = cluster(1)
+    run(image, {1})  # 2 and 3 fenced: ISR [1], 1 leads
+    p = image.partition("t", 0)
+    assert p is not None
+    epoch = p.leader_epoch
+    restart(image, 1, "i2")
+    run(image, {1})  # nobody else can lead: offline while 1 is fenced
+    p = image.partition("t", 0)
+    assert p is not None
+    assert (p.leader, p.isr) == (None, (1,))
+    run(image, {1})  # unfenced, and elected again: never at its pre-restart epoch
+    p = image.partition("t", 0)
+    assert p is not None
+    assert (p.leader, p.isr) == (1, (1,)) and p.leader_epoch > epoch
+    assert not image.brokers[1].fenced
+
+
+def test_whole_cluster_restart_unfences_brokers_in_all_fenced_isrs() -> None:
+    image = cluster()
+    run(image, set())  # everyone down: fenced, partitions offline, ISRs kept
+    for node in (1, 2, 3):
+        restart(image, node, "i2")
+    run(image, {1, 2, 3})
+    run(image, {1, 2, 3})
+    assert not any(b.fenced for b in image.brokers.values())
+    for p in image.partitions():
+        assert p.leader is not None

@@ -605,3 +605,65 @@ async def test_a_stopping_replica_manager_answers_parked_produces(tmp_path: Path
                 leader.rm._nursery.cancel_scope.cancel()
         assert got[0].partitions[0].error_code == ErrorCode.REQUEST_TIMED_OUT
         assert not parked_produces(p)
+
+
+async def test_a_follower_told_to_follow_an_older_epoch_does_not_truncate(
+    tmp_path: Path,
+) -> None:
+    from dlog.errors import FencedLeaderEpochError
+
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"a")
+        old = cluster.leader_of("t")
+        await cluster.stop(old.node_id)
+        await wait_until(lambda: cluster.leader_of("t") is not old)
+        new = cluster.leader_of("t")
+        await wait_until(lambda: new.rm.partitions[("t", 0)].role.value == "leader")
+        resp = await produce(cluster, "t", b"b", b"c")  # written at the new epoch
+        assert resp.partitions[0].error_code == 0
+        follower = next(n for n in cluster.nodes.values() if n.up and n is not new)
+        q = follower.rm.partitions[("t", 0)]
+        await wait_until(lambda: q.log_end_offset == 3)
+        # Stale metadata (say, replayed at a restart) names the old leader at epoch 0,
+        # which knows nothing of epoch 1 (it answers NO_EPOCH): truncating to what it
+        # knows would lose b and c.
+        from dlog.net.protocol import EpochEndOffset, OffsetsForLeaderEpochResponse
+
+        asked: list[object] = []
+
+        class StaleLeader:
+            async def call(self, address: str, request: object, **kw: object) -> object:
+                asked.append(request)
+                return OffsetsForLeaderEpochResponse(
+                    partitions=[EpochEndOffset(topic="t", partition=0)]
+                )
+
+        real_pool = follower.rm.pool
+        follower.rm.pool = StaleLeader()  # type: ignore[assignment]
+        try:
+            with pytest.raises(FencedLeaderEpochError):
+                await follower.rm._truncate_to_leader(q, old.address, 0)
+        finally:
+            follower.rm.pool = real_pool
+        assert q.log_end_offset == 3 and not asked
+
+
+async def test_a_new_leader_alone_in_its_isr_commits_its_log_at_once(tmp_path: Path) -> None:
+    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=60_000) as cluster:
+        await cluster.create_topic("t")
+        leader = cluster.leader_of("t")
+        survivor, stalled = (n for n in cluster.nodes.values() if n is not leader)
+        stalled.rm.fetch_delay_s = 3600
+        s = stalled.rm.partitions[("t", 0)]
+        stalled.rm._start_fetcher(s, s.info)
+        # The stalled follower holds the HW at 0; the survivor has both records.
+        await produce(cluster, "t", b"a", b"b", acks=1)
+        q = survivor.rm.partitions[("t", 0)]
+        await wait_until(lambda: q.log_end_offset == 2)
+        assert q.high_watermark == 0
+        await cluster.stop(leader.node_id)
+        await cluster.stop(stalled.node_id)
+        await wait_until(lambda: q.role.value == "leader" and q.isr == (survivor.node_id,))
+        # Alone in its ISR it has everything committed: no append needed to show it.
+        assert q.high_watermark == q.log_end_offset == 2
