@@ -130,6 +130,9 @@ class Partition:
                 r: FollowerState(last_caught_up=now) for r in info.replicas if r != self.node_id
             }
             self.log.leader_epoch_cache.assign(info.leader_epoch, self.log.log_end_offset)
+        # A leader alone in its ISR has everything committed (as Kafka's makeLeader);
+        # with followers, the HW waits for their first fetches.
+        self.maybe_advance_high_watermark()
         self.notify()
 
     def become_follower(self, info: PartitionInfo) -> None:
