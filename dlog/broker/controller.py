@@ -289,9 +289,15 @@ class Controller:
         """Registered, live brokers join the Raft quorum: learners first, then voters up
         to ``max_voters``. A member whose directory id no longer matches the broker's
         registration (its disk was wiped) is removed first, so it cannot vote as its
-        old self."""
+        old self.
+
+        Liveness includes a Raft session (acks of this leader's heartbeats), which only
+        a member can have: a broker that is not a member yet is added once gossip has
+        it alive, or it could never join after the activation grace period (a learner
+        neither votes nor counts toward a quorum; from then on its session counts)."""
         image = self._image()
         liveness = self.liveness()
+        view = self._gossip()
         members = {m.node_id: m for m in self.quorum.members()}
         voters = sum(1 for m in members.values() if m.voter)
         for node, broker in sorted(image.brokers.items()):
@@ -302,12 +308,14 @@ class Controller:
                 log.info("node %d has a new directory: removing its old Raft identity", node)
                 await self.quorum.remove_member(node, member.directory_id)
                 return  # one change at a time
-            if node not in liveness.live:
-                continue
             if member is None:
+                if node not in liveness.live and (node not in view.alive or node in view.dead):
+                    continue
                 log.info("adding node %d as a Raft learner", node)
                 await self.quorum.add_learner(node, broker.directory_id, broker.raft)
                 return
+            if node not in liveness.live:
+                continue
             if not member.voter and voters < self.config.max_voters and node in liveness.caught_up:
                 log.info("promoting node %d to Raft voter", node)
                 await self.quorum.promote(node, broker.directory_id)
