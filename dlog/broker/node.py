@@ -397,10 +397,7 @@ class Broker:
                 self.node_id,
                 self.image.applied_index,
             )
-            replicas.on_metadata(self.image.everything())
-            # Stray logs (of topics deleted while this node was away) can go now.
-            if replicas._nursery is not None:
-                replicas._nursery.start_soon(replicas.remove_stray_logs)
+            replicas.start_serving(self.image)
 
     def _session_ok(self) -> bool:
         if self._quorum is None:

@@ -61,20 +61,26 @@ def reconcile(
             returning.append(broker)
         elif not broker.fenced and is_live:
             usable.add(node)
+    #: Live, caught-up brokers kept fenced for this pass only (see below).
+    held: set[int] = set()
     for broker in sorted(returning, key=lambda b: b.node_id):
         # A fenced broker (e.g. a restarted process: it registers fenced) is unfenced
         # only once it leads nothing and has left every ISR it can leave. Until then
         # the elections below move its leaderships (a new leader epoch) and drop it from
         # ISRs: a process that crashed may have lost its unflushed tail, so it must not
         # go on leading, or count toward the HW, at its old epochs.
-        if not _holds_anything(image, broker.node_id, usable):
+        if _holds_anything(image, broker.node_id, usable):
+            held.add(broker.node_id)
+        else:
             records.append(UnfenceBroker(node_id=broker.node_id, incarnation=broker.incarnation))
             usable.add(broker.node_id)
     for partition in image.partitions():
         change = elect(
             partition,
             usable,
-            unclean=unclean_allowed(partition.topic),
+            # An ISR member held back for a pass is as good as back: no unclean
+            # election past it (the partition is offline for that pass instead).
+            unclean=unclean_allowed(partition.topic) and not held.intersection(partition.isr),
             preferred=rebalance_preferred,
         )
         if change is not None:

@@ -259,6 +259,8 @@ class ReplicaManager:
         self._alter_in_flight: set[TopicPartition] = set()
         self._pending = MetadataDelta()
         self._pending_event = trio.Event()
+        #: start_serving asked for stray logs to go before the next delta is applied.
+        self._remove_strays = False
         self._nursery: trio.Nursery | None = None
         # Parked requests by deadline (see fetch, produce), and when _expire_parked
         # wakes next.
@@ -316,12 +318,25 @@ class ReplicaManager:
         self._pending.merge(delta)
         self._pending_event.set()
 
+    def start_serving(self, image: MetadataImage) -> None:
+        """This broker's metadata is current from now on (the controller unfenced it):
+        delete the logs it no longer holds (topics deleted or re-created while it was
+        away), then act on the whole ``image`` -- in that order, in the metadata task,
+        so that no log it opens meanwhile can be taken for a stray."""
+        self._remove_strays = True
+        everything = image.everything()
+        everything.brokers.clear()  # (no fetcher to restart: none runs yet)
+        self.on_metadata(everything)
+
     async def _metadata_loop(self) -> None:
         while True:
             await self._pending_event.wait()
             self._pending_event = trio.Event()
             delta, self._pending = self._pending, MetadataDelta()
             try:
+                if self._remove_strays:
+                    self._remove_strays = False
+                    await self.remove_stray_logs()
                 await self._apply(delta)
             except DlogError as exc:
                 log.error("applying metadata to local replicas failed: %s", exc)
@@ -412,8 +427,8 @@ class ReplicaManager:
     async def remove_stray_logs(self) -> None:
         """Delete logs of partitions the metadata no longer gives this broker.
 
-        Call once this broker's metadata is caught up (a topic deleted while it was
-        down must not come back).
+        Only once this broker's metadata is caught up (a topic deleted while it was
+        down must not come back), from the metadata task (see :meth:`start_serving`).
         """
         image = self.hooks.image()
         for (topic, partition), _ in list(self.logs.logs.items()):

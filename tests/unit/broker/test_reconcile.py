@@ -226,3 +226,24 @@ def test_whole_cluster_restart_unfences_brokers_in_all_fenced_isrs() -> None:
     assert not any(b.fenced for b in image.brokers.values())
     for p in image.partitions():
         assert p.leader is not None
+
+
+def test_a_restarted_sole_isr_member_is_not_passed_over_by_an_unclean_election() -> None:
+    image = cluster(1)
+    run(image, {1})  # 2 and 3 fenced: ISR [1]
+    run(image, {1, 2, 3})  # 2 and 3 back (unfenced); only their leader adds them to the ISR
+    p = image.partition("t", 0)
+    assert p is not None
+    assert (p.leader, p.isr) == (1, (1,))
+    assert not any(b.fenced for b in image.brokers.values())
+    restart(image, 1, "i2")
+    # 1 is held fenced for a pass (it still leads); 2 and 3 may not lead in its place,
+    # even with unclean election allowed: they lack what only 1 has.
+    run(image, {1, 2, 3}, unclean=True)
+    p = image.partition("t", 0)
+    assert p is not None
+    assert (p.leader, p.isr) == (None, (1,))
+    run(image, {1, 2, 3}, unclean=True)
+    p = image.partition("t", 0)
+    assert p is not None
+    assert (p.leader, p.isr) == (1, (1,))

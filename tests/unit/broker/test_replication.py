@@ -667,3 +667,32 @@ async def test_a_new_leader_alone_in_its_isr_commits_its_log_at_once(tmp_path: P
         await wait_until(lambda: q.role.value == "leader" and q.isr == (survivor.node_id,))
         # Alone in its ISR it has everything committed: no append needed to show it.
         assert q.high_watermark == q.log_end_offset == 2
+
+
+async def test_start_serving_drops_stray_logs_before_it_opens_current_ones(
+    tmp_path: Path,
+) -> None:
+    from dlog.net.protocol import DeleteTopicsRequest
+
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("gone")
+        await cluster.create_topic("again")
+        await produce(cluster, "gone", b"g")
+        await produce(cluster, "again", b"old1", b"old2")
+        assert cluster.controller is not None
+        away = next(n for n in cluster.nodes.values() if n is not cluster.leader_of("again"))
+        await cluster.stop(away.node_id)
+        # While it is away: one topic deleted, the other deleted and created again
+        # (on the two live nodes).
+        await cluster.controller.delete_topics(DeleteTopicsRequest(topics=["gone", "again"]))
+        await cluster.create_topic("again", rf=2)
+        # It returns; its own image catches up without naming what went (as a node
+        # whose replay starts from a snapshot), so its old logs are still on disk.
+        await cluster.restart(away.node_id)
+        node = cluster.nodes[away.node_id]
+        assert ("gone", 0) in node.logs.logs and ("again", 0) in node.logs.logs
+        node.rm.start_serving(node.image)
+        await wait_until(
+            lambda: ("gone", 0) not in node.logs.logs and ("again", 0) not in node.logs.logs
+        )
+        assert ("again", 0) not in node.rm.partitions
