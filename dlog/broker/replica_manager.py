@@ -170,10 +170,13 @@ class _ParkedProduce(_Parked):
         self.waits = waits
 
     def poke(self) -> None:
-        """A written partition changed (new HW, new role): answer once none waits."""
-        if self.finished or not _replicated(self.waits):
+        """A written partition changed (new HW, new role): settle what can be settled
+        now, and answer once nothing waits."""
+        if self.finished:
             return
-        self.expire()
+        self.waits = _settle(self.request, self.results, self.waits)
+        if not self.waits:
+            self.expire()
 
     def expire(self) -> None:
         # Runs inside whatever changed the partition (a follower's fetch, a role
@@ -189,20 +192,17 @@ class _ParkedProduce(_Parked):
         self.finish(response)
 
 
-def _replicated(waits: list[_Wait]) -> bool:
-    """Nothing left to wait for: every HW passed its batch, or its leadership moved."""
-    for _, p, last, epoch in waits:
-        if p.high_watermark <= last and p.role is Role.LEADER and p.leader_epoch == epoch:
-            return False
-    return True
-
-
-def _produce_outcome(
+def _settle(
     request: ProduceRequest, results: list[ProducePartitionResult], waits: list[_Wait]
-) -> ProduceResponse:
-    """The answer to an acks=all produce once it stops waiting (replicated, timed out,
-    or its leadership moved): each waiting partition's result or error."""
-    for i, p, last, epoch in waits:
+) -> list[_Wait]:
+    """Settle each acks=all wait that can be now, writing its outcome into ``results``
+    once and for all (as Kafka's DelayedProduce does per partition): replicated (the
+    HW passed its batch while this replica led at its epoch; NOT_ENOUGH_REPLICAS_
+    AFTER_APPEND if the ISR is below min_insync_replicas then), or NOT_LEADER_OR_
+    FOLLOWER if the leadership moved first. Returns the waits still open."""
+    still: list[_Wait] = []
+    for wait in waits:
+        i, p, last, epoch = wait
         r = results[i]
         err: DlogError | None = None
         if p.role is not Role.LEADER or p.leader_epoch != epoch:
@@ -212,10 +212,8 @@ def _produce_outcome(
                 leader_epoch=p.info.leader_epoch,
             )
         elif p.high_watermark <= last:
-            err = RequestTimedOutError(
-                f"{r.topic}-{r.partition}: not replicated to the ISR within "
-                f"{request.timeout_ms} ms"
-            )
+            still.append(wait)
+            continue
         elif len(p.isr) < p.config.min_insync_replicas:
             err = NotEnoughReplicasAfterAppendError(
                 f"{r.topic}-{r.partition}: ISR shrank to {list(p.isr)} below "
@@ -223,6 +221,20 @@ def _produce_outcome(
             )
         if err is not None:
             results[i] = _produce_error(r.topic, r.partition, err)
+    return still
+
+
+def _produce_outcome(
+    request: ProduceRequest, results: list[ProducePartitionResult], waits: list[_Wait]
+) -> ProduceResponse:
+    """The answer to an acks=all produce once it stops waiting: what :func:`_settle`
+    settles now, and REQUEST_TIMED_OUT for the waits still open."""
+    for i, _, _, _ in _settle(request, results, waits):
+        r = results[i]
+        error = RequestTimedOutError(
+            f"{r.topic}-{r.partition}: not replicated to the ISR within {request.timeout_ms} ms"
+        )
+        results[i] = _produce_error(r.topic, r.partition, error)
     return ProduceResponse(partitions=results)
 
 
@@ -533,8 +545,9 @@ class ReplicaManager:
             # fsync first (in a thread), or shutting down (nothing would expire a
             # parked request): a task of the server's waits.
             return Deferred(lambda: self._complete_produce(request, results, waits, flushes))
-        if _replicated(waits):  # e.g. the leader alone in its ISR
-            return _produce_outcome(request, results, waits)
+        waits = _settle(request, results, waits)
+        if not waits:  # e.g. the leader alone in its ISR
+            return ProduceResponse(partitions=results)
         # Park it: the follower fetch that moves the last HW past its batches answers
         # it, from that fetch's handler; the deadline heap times it out.
         parked = _ParkedProduce(self, request, results, waits)
@@ -556,12 +569,11 @@ class ReplicaManager:
         then wait for replication as a parked produce would."""
         for p in flushes:
             await p.log.flush()
-        if waits:
-            with trio.move_on_after(request.timeout_ms / 1000):
-                for _, p, last, _epoch in waits:
-                    await p.wait_for_high_watermark(last)
-            return _produce_outcome(request, results, waits)
-        return ProduceResponse(partitions=results)
+        with trio.move_on_after(request.timeout_ms / 1000):
+            while waits := _settle(request, results, waits):
+                _, p, last, _ = waits[0]
+                await p.wait_for_high_watermark(last)  # (until that one settles)
+        return _produce_outcome(request, results, waits)
 
     # --- fetch ----------------------------------------------------------------------------
 

@@ -696,3 +696,40 @@ async def test_start_serving_drops_stray_logs_before_it_opens_current_ones(
             lambda: ("gone", 0) not in node.logs.logs and ("again", 0) not in node.logs.logs
         )
         assert ("again", 0) not in node.rm.partitions
+
+
+def test_each_partition_of_a_parked_produce_is_settled_once() -> None:
+    """A partition whose HW passed its batch is answered as replicated even if its
+    leadership moves before the request's other partitions settle (as Kafka's
+    DelayedProduce); one that moved first is NOT_LEADER_OR_FOLLOWER; one still
+    waiting at the end REQUEST_TIMED_OUT."""
+    from types import SimpleNamespace
+
+    from dlog.broker.partition import Role
+    from dlog.broker.replica_manager import _produce_outcome, _settle
+    from dlog.net.protocol import ProducePartitionResult
+
+    def partition(hw: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            role=Role.LEADER,
+            leader_epoch=3,
+            high_watermark=hw,
+            isr=(1, 2, 3),
+            config=SimpleNamespace(min_insync_replicas=2),
+            info=SimpleNamespace(leader=1, leader_epoch=3),
+        )
+
+    a, b, c = partition(0), partition(0), partition(0)
+    results = [ProducePartitionResult(topic="t", partition=n, base_offset=0) for n in range(3)]
+    request = ProduceRequest(acks=-1, timeout_ms=100, partitions=[])
+    waits = [(0, a, 0, 3), (1, b, 0, 3), (2, c, 0, 3)]
+    waits = _settle(request, results, waits)  # type: ignore[arg-type]
+    assert len(waits) == 3
+    a.high_watermark = 1  # a is replicated ...
+    waits = _settle(request, results, waits)  # type: ignore[arg-type]
+    assert [w[0] for w in waits] == [1, 2]
+    a.role = b.role = Role.FOLLOWER  # ... then a and b lose their leadership
+    b.info = SimpleNamespace(leader=2, leader_epoch=4)
+    response = _produce_outcome(request, results, waits)  # type: ignore[arg-type]
+    codes = [r.error_code for r in response.partitions]
+    assert codes == [0, ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.REQUEST_TIMED_OUT]
