@@ -608,7 +608,11 @@ class RaftNode:
         for m in msgs:
             core.step(m)
             if isinstance(m, AppendResponse | HeartbeatResponse | SnapshotResponse):
-                self._last_ack[m.from_id] = now
+                # Only the member itself: a wiped node answering under the same node id
+                # (a new directory id; the core refuses it) keeps no old identity alive.
+                member = core.config.member(m.from_id)
+                if member is not None and member.directory_id == m.from_dir:
+                    self._last_ack[m.from_id] = now
             elif (
                 isinstance(m, AppendEntries | Heartbeat | InstallSnapshot)
                 and core.leader == m.from_id

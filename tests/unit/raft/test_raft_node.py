@@ -258,3 +258,34 @@ def test_config_is_validated() -> None:
         fast_config(1, core=CoreConfig(election_ticks=1, heartbeat_ticks=1))
     assert fast_config(1).election_timeout_s == pytest.approx(0.1)
     assert CLUSTER
+
+
+async def test_answers_from_another_directory_do_not_count_as_the_members(
+    tmp_path: Path,
+) -> None:
+    """A wiped node comes back under its node id with a new directory id: the core
+    refuses its answers, and they must not refresh the old member's last answer either
+    (which the leader's quorum contact and the controller's liveness read)."""
+    from dlog.raft.messages import HeartbeatResponse
+
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, tmp_path)
+        await cluster.start_cluster(3)
+        leader = await cluster.leader()
+        await leader.raft.propose(b"a=1")
+        victim = next(h for h in cluster.live() if h is not leader)
+        await cluster.kill(victim.node_id)
+        before = leader.raft.follower_progress()[NodeId(victim.node_id)].last_ack
+        head, _ = message_to_wire(
+            HeartbeatResponse(
+                cluster_id=CLUSTER,
+                term=leader.raft.term,
+                from_id=NodeId(victim.node_id),
+                from_dir="a-wiped-disk",
+                to=NodeId(leader.node_id),
+            )
+        )
+        async with open_rpc_pool() as pool:
+            await pool.call(leader.address, RaftBatchRequest(messages=[head], sizes=[0]))
+        assert leader.raft.follower_progress()[NodeId(victim.node_id)].last_ack == before
+        nursery.cancel_scope.cancel()
