@@ -351,6 +351,10 @@ class ReplicaManager:
                     await self.remove_stray_logs()
                 await self._apply(delta)
             except DlogError as exc:
+                if not self.logs.running:
+                    # The node is stopping (its log manager first): nothing went wrong.
+                    log.info("metadata not applied, the node is stopping: %s", exc)
+                    continue
                 log.error("applying metadata to local replicas failed: %s", exc)
 
     async def _apply(self, delta: MetadataDelta) -> None:
