@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -487,17 +488,24 @@ async def resume_followers(cluster: DataPlaneCluster, topic: str) -> None:
             node.rm.fetch_delay_s = 0
 
 
+@asynccontextmanager
+async def stalled_followers(tmp_path: Path) -> AsyncIterator[tuple[DataPlaneCluster, Any, Any]]:
+    """Topic t (3 replicas, one record) whose followers stopped fetching but stay in
+    the ISR: yields the cluster, the leader and its partition."""
+    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=60_000) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"warm")
+        leader = cluster.leader_of("t")
+        await stall_followers(cluster, "t")
+        yield cluster, leader, leader.rm.partitions[("t", 0)]
+
+
 async def test_parked_produces_are_answered_by_replication_timeout_or_a_move(
     tmp_path: Path,
 ) -> None:
     import dataclasses
 
-    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=60_000) as cluster:
-        await cluster.create_topic("t")
-        await produce(cluster, "t", b"warm")
-        leader = cluster.leader_of("t")
-        p = leader.rm.partitions[("t", 0)]
-        await stall_followers(cluster, "t")
+    async with stalled_followers(tmp_path) as (cluster, leader, p):
         # Not replicated in time: REQUEST_TIMED_OUT at the request's timeout, no earlier.
         start = trio.current_time()
         resp = await produce(cluster, "t", b"slow", timeout_ms=300)
@@ -538,12 +546,7 @@ async def test_a_parked_produce_whose_client_went_away_is_dropped_at_once(
 ) -> None:
     from dlog.net import open_rpc_pool
 
-    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=60_000) as cluster:
-        await cluster.create_topic("t")
-        await produce(cluster, "t", b"warm")
-        leader = cluster.leader_of("t")
-        p = leader.rm.partitions[("t", 0)]
-        await stall_followers(cluster, "t")
+    async with stalled_followers(tmp_path) as (cluster, leader, p):
         data = batch(b"x")
         async with open_rpc_pool() as pool:
             await pool.start_call(
@@ -586,12 +589,7 @@ async def test_a_parked_produce_that_fails_gets_an_error_and_replication_goes_on
 
 
 async def test_a_stopping_replica_manager_answers_parked_produces(tmp_path: Path) -> None:
-    async with dataplane_cluster(tmp_path, replica_lag_time_max_ms=60_000) as cluster:
-        await cluster.create_topic("t")
-        await produce(cluster, "t", b"warm")
-        leader = cluster.leader_of("t")
-        p = leader.rm.partitions[("t", 0)]
-        await stall_followers(cluster, "t")
+    async with stalled_followers(tmp_path) as (cluster, leader, p):
         got: list[ProduceResponse] = []
 
         async def send() -> None:
