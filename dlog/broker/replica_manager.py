@@ -23,6 +23,7 @@ import heapq
 import itertools
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,7 +93,7 @@ TopicPartition = tuple[str, int]
 _Wait = tuple[int, Partition, int, int]
 
 
-class _Parked:
+class _Parked(ABC):
     """A request answered later without a task (an inline handler's :class:`Later`):
     parked on each partition it waits for, which pokes it at every change, and in the
     manager's deadline heap, which expires it. Kafka's purgatory."""
@@ -106,13 +107,13 @@ class _Parked:
         self.partitions: list[Partition] = []
         self.finished = False
 
+    @abstractmethod
     def poke(self) -> None:
         """A partition it waits for changed: answer if it can now."""
-        raise NotImplementedError
 
+    @abstractmethod
     def expire(self) -> None:
         """Its deadline came: answer with what there is."""
-        raise NotImplementedError
 
     def abandon(self) -> None:
         """Its connection went away: let go of it now, not at the next change."""
