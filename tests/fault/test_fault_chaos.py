@@ -464,8 +464,11 @@ async def test_chaos_soak(tmp_path: Path) -> None:
                     timeout=30,
                     what="fresh acks=all on every partition after healing",
                 )
-                acked.stopping = True
-                unsafe.stopping = True
+                # Every send lands before the HWs are taken (a pipelined window in
+                # flight would land above them, and the consumed log end past them).
+                acked.stopping = unsafe.stopping = True
+                await acked.stop(timeout=150)
+                await unsafe.stop(timeout=150)
                 hws = await wait_replicas_converged(cluster, TOPIC, PARTITIONS, timeout=90)
                 await live.wait_until(hws, timeout=60)
                 consumer_scope.cancel()

@@ -37,6 +37,15 @@ class AckLog:
     partition_of: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     stopping: bool = False
+    #: Sender tasks still running (each may have a send in flight).
+    running: int = 0
+
+    async def stop(self, *, timeout: float) -> None:
+        """Stop the senders and wait until none is left: a send in flight when
+        ``stopping`` is set still lands (a pipelined sender's whole window), so what
+        the log holds is final only after this."""
+        self.stopping = True
+        await eventually(lambda: self.running == 0, timeout=timeout, what="senders stopped")
 
     def total(self) -> int:
         return sum(len(a) for a in self.acks.values())
@@ -85,6 +94,15 @@ class AckLog:
         """Send unique values to ``partition``, each after the previous one's ack."""
         self.acks[name] = acks = []
         self.partition_of[name] = partition
+        self.running += 1
+        try:
+            await self._send_one_at_a_time(producer, partition, name, acks)
+        finally:
+            self.running -= 1
+
+    async def _send_one_at_a_time(
+        self, producer: dlog.Producer, partition: int, name: str, acks: list[Ack]
+    ) -> None:
         seq = 0
         while not self.stopping:
             value = b"%s-%09d" % (name.encode(), seq)
@@ -105,6 +123,15 @@ class AckLog:
         send order."""
         self.acks[name] = acks = []
         self.partition_of[name] = partition
+        self.running += 1
+        try:
+            await self._send_pipelined(producer, partition, name, window, acks)
+        finally:
+            self.running -= 1
+
+    async def _send_pipelined(
+        self, producer: dlog.Producer, partition: int, name: str, window: int, acks: list[Ack]
+    ) -> None:
         seq = 0
         while not self.stopping:
             sent = trio.current_time()
