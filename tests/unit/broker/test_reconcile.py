@@ -247,3 +247,19 @@ def test_a_restarted_sole_isr_member_is_not_passed_over_by_an_unclean_election()
     p = image.partition("t", 0)
     assert p is not None
     assert (p.leader, p.isr) == (1, (1,))
+
+
+def test_whole_cluster_restart_before_anyone_was_fenced_moves_every_epoch() -> None:
+    """Every process restarts at once, before the controller fenced any: each registers
+    fenced with its leaderships and ISRs still in place. They come back one pass at a
+    time, and no partition is led again at an epoch from before the restart."""
+    image = cluster()
+    before = {p.partition: p.leader_epoch for p in image.partitions()}
+    for node in (1, 2, 3):
+        restart(image, node, "i2")
+    for _ in range(6):
+        run(image, {1, 2, 3})
+    assert not any(b.fenced for b in image.brokers.values())
+    for p in image.partitions():
+        assert p.leader is not None and p.leader_epoch > before[p.partition]
+    assert run(image, {1, 2, 3}) == []
