@@ -1,17 +1,20 @@
 """The data plane of one broker: partition replicas, produce, fetch, replication.
 
 Ownership: :meth:`ReplicaManager.run` opens a nursery holding the metadata-reaction
-task, the ISR-check task, and one fetcher task per partition this broker follows,
-each in its own cancel scope so a leader change restarts exactly that fetcher.
-Request handlers (produce, fetch, ...) run in the RPC server's tasks and only touch
-partitions between awaits.
+task, the ISR-check task, the task that expires parked requests at their deadlines,
+and one fetcher task per partition this broker follows, each in its own cancel scope
+so a leader change restarts exactly that fetcher. Request handlers (produce, fetch,
+...) run in the RPC server's read loops or tasks and only touch partitions between
+awaits. A produce waiting for replication (acks=all) and a long-polling fetch waiting
+for data park without a task (Kafka's purgatory): every change of their partitions
+pokes them, so the change that satisfies one answers it; stopping answers the rest.
 
 What happens when metadata changes (:meth:`on_metadata`, called after every applied
-Raft batch): the delta is queued and one task applies it in order -- creating or
-deleting logs, making this broker leader or follower of each changed partition,
-starting or stopping fetchers. A follower always truncates its log to the leader's
-epoch history (OffsetsForLeaderEpoch) before it fetches, so replica logs never
-diverge.
+Raft batch once the broker serves, see :meth:`start_serving`): the delta is queued and
+one task applies it in order -- creating or deleting logs, making this broker leader
+or follower of each changed partition, starting or stopping fetchers. A follower
+always truncates its log to the leader's epoch history (OffsetsForLeaderEpoch) before
+it fetches, so replica logs never diverge.
 
 The broker path never decodes a record: batches are validated by their headers and
 copied between sockets and segments as bytes.
