@@ -162,11 +162,15 @@ class Chaos:
     async def sleep(self, low: float, high: float) -> None:
         await trio.sleep(self.rng.uniform(low, high))
 
-    async def kill_restart(self) -> None:
-        node = self.rng.choice(self.cluster.node_ids)
+    async def down_for_a_while(self, node: int) -> None:
+        """SIGKILL ``node``, wait 0.5-5 s, start it again."""
         self.kill(node)
         await self.sleep(0.5, 5)
         self.start(node)
+
+    async def kill_restart(self) -> None:
+        node = self.rng.choice(self.cluster.node_ids)
+        await self.down_for_a_while(node)
 
     async def quick_restart(self) -> None:
         node = self.rng.choice(self.cluster.node_ids)
@@ -178,9 +182,7 @@ class Chaos:
         if node is None:
             return
         self.note(f"(node {node} is the controller)")
-        self.kill(node)
-        await self.sleep(0.5, 5)
-        self.start(node)
+        await self.down_for_a_while(node)
 
     async def kill_leader(self) -> None:
         partition = self.rng.randrange(PARTITIONS)
@@ -188,9 +190,7 @@ class Chaos:
         if node is None:
             return
         self.note(f"(node {node} leads partition {partition})")
-        self.kill(node)
-        await self.sleep(0.5, 5)
-        self.start(node)
+        await self.down_for_a_while(node)
 
     async def double_kill(self) -> None:
         first, second = self.rng.sample(self.cluster.node_ids, 2)
