@@ -85,6 +85,9 @@ class _FieldPlan:
     #: Straight to CBOR bytes (nested structs, sequences and optionals of them; see
     #: :func:`_converters`); None: ``_cbor_value(encode(value))``.
     cbor: Callable[[Any], bytes] | None
+    #: For a scalar field, the decoder's type test and what the value should be
+    #: (see :func:`_scalar_test`).
+    check: tuple[str, str] | None = None
 
 
 _PLANS: dict[type, tuple[_FieldPlan, ...]] = {}
@@ -108,14 +111,14 @@ def _converters(tp: Any) -> tuple[_Encoder | None, _Decoder | None, _CborEncoder
             enc, dec, cbor = _converters(args[0])
             make: Callable[[Any], Any] = tuple if origin is tuple else list
             if enc is None and dec is None:
-                return None, _sequence_checker(make), None
+                return None, _sequence_checker(make, _scalar_checker(args[0])), None
             return _sequence_encoder(enc), _sequence_decoder(dec, make), _array_cbor(cbor)
         return None, None, None
     if origin is dict:
-        _key_t, val_t = typing.get_args(tp)
+        key_t, val_t = typing.get_args(tp)
         enc, dec, _ = _converters(val_t)
         if enc is None and dec is None:
-            return None, _mapping_checker, None
+            return None, _mapping_checker(_scalar_checker(key_t), _scalar_checker(val_t)), None
         return _mapping_encoder(enc), _mapping_decoder(dec), None
     if origin in (Union, types.UnionType):
         members = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -126,6 +129,48 @@ def _converters(tp: Any) -> tuple[_Encoder | None, _Decoder | None, _CborEncoder
             return _optional(enc), _optional(dec), None if cbor is None else _optional_cbor(cbor)
         return None, None, None
     return None, None, None
+
+
+#: Integers in message bodies are 64-bit signed, as Kafka's widest are: anything
+#: outside is malformed input, refused before a handler (or a struct.pack) sees it.
+INT_MIN: int = -(1 << 63)
+INT_MAX: int = (1 << 63) - 1
+
+
+def _scalar_test(tp: Any) -> tuple[str, str] | None:
+    """For a scalar field type (int, str, bool, float, or an optional of one): an
+    expression over ``{v}`` that is true when the value has the wrong type or range,
+    and what the value should be (for the error). None for anything else (structs,
+    sequences, maps and ``Any`` are checked by their decoders, or not at all)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) == 1 and len(typing.get_args(tp)) == 2:
+            inner = _scalar_test(members[0])
+            if inner is not None:
+                return f"{{v}} is not None and ({inner[0]})", f"{inner[1]} or null"
+        return None
+    if tp is int:
+        return "type({v}) is not int or not INT_MIN <= {v} <= INT_MAX", "a 64-bit integer"
+    if tp is bool:
+        return "type({v}) is not bool", "a boolean"
+    if tp is str:
+        return "type({v}) is not str", "a text string"
+    if tp is float:
+        return "type({v}) is not float and type({v}) is not int", "a number"
+    return None
+
+
+def _scalar_checker(tp: Any) -> Callable[[Any], bool] | None:
+    """A function telling whether a value is of the wrong type for ``tp`` (as
+    :func:`_scalar_test`), or None when ``tp`` is not a checked scalar."""
+    test = _scalar_test(tp)
+    if test is None:
+        return None
+    ns: dict[str, Any] = {"INT_MIN": INT_MIN, "INT_MAX": INT_MAX}
+    # The source is generated from our own type annotations, never from input.
+    exec(f"def wrong(v):\n    return {test[0].format(v='v')}\n", ns)
+    wrong: Callable[[Any], bool] = ns["wrong"]
+    return wrong
 
 
 def _array_cbor(item: _CborEncoder | None) -> _CborEncoder | None:
@@ -185,10 +230,16 @@ def _sequence_decoder(dec: _Decoder | None, make: Callable[[Any], Any]) -> _Deco
     return decode
 
 
-def _sequence_checker(make: Callable[[Any], Any]) -> _Decoder:
+def _sequence_checker(
+    make: Callable[[Any], Any], wrong: Callable[[Any], bool] | None = None
+) -> _Decoder:
     def decode(value: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ProtocolError(f"expected an array, got {type(value).__name__}")
+        if wrong is not None:
+            for item in value:
+                if wrong(item):
+                    raise ProtocolError(f"unexpected {type(item).__name__} item in an array")
         return value if make is list and isinstance(value, list) else make(value)
 
     return decode
@@ -210,10 +261,23 @@ def _mapping_decoder(dec: _Decoder | None) -> _Decoder:
     return decode
 
 
-def _mapping_checker(value: Any) -> Any:
-    if not isinstance(value, dict):
-        raise ProtocolError(f"expected a map, got {type(value).__name__}")
-    return value
+def _mapping_checker(
+    wrong_key: Callable[[Any], bool] | None, wrong_value: Callable[[Any], bool] | None
+) -> _Decoder:
+    def decode(value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"expected a map, got {type(value).__name__}")
+        if wrong_key is not None or wrong_value is not None:
+            for k, v in value.items():
+                if (wrong_key is not None and wrong_key(k)) or (
+                    wrong_value is not None and wrong_value(v)
+                ):
+                    raise ProtocolError(
+                        f"unexpected {type(k).__name__}: {type(v).__name__} entry in a map"
+                    )
+        return value
+
+    return decode
 
 
 #: The ``__init__`` that @dataclass wrote, for each class :func:`_fast_init` replaced.
@@ -311,7 +375,8 @@ def _plan(cls: type) -> tuple[_FieldPlan, ...]:
         if f.name == "payload":
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        fields.append(_FieldPlan(f.name, required, *_converters(hints[f.name])))
+        tp = hints[f.name]
+        fields.append(_FieldPlan(f.name, required, *_converters(tp), _scalar_test(tp)))
     plan = tuple(fields)
     _PLANS[cls] = plan
     return plan
@@ -400,6 +465,8 @@ def _codec(cls: type) -> _Codec:
         "isinstance": isinstance,
         "cv": _cbor_value,
         "NULL": b"\xf6",
+        "INT_MIN": INT_MIN,
+        "INT_MAX": INT_MAX,
     }
     enc_items = []
     # CBOR: the map's head and each key are constants (k0 holds the head too).
@@ -441,6 +508,11 @@ def _codec(cls: type) -> _Codec:
         else:
             ns[f"default{i}"] = spec.default
             dec_lines.append(f"        v{i} = default{i}")
+        if f.check is not None:
+            test, expected = f.check
+            message = f"{cls.__name__}: field {name!r} must be {expected}"
+            dec_lines.append(f"    elif {test.format(v=f'v{i}')}:")
+            dec_lines.append(f"        raise ProtocolError({message!r})")
         if f.decode is not None:
             ns[f"dec{i}"] = f.decode
             dec_lines.append(f"    elif v{i} is not None:")

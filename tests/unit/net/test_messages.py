@@ -7,6 +7,8 @@ import pytest
 
 from dlog.errors import ProtocolError, UnsupportedVersionError
 from dlog.net.messages import (
+    INT_MAX,
+    INT_MIN,
     Message,
     Struct,
     check_version,
@@ -78,6 +80,63 @@ def test_missing_required_field_is_a_protocol_error() -> None:
 def test_wrong_shapes_are_protocol_errors(body: object) -> None:
     with pytest.raises(ProtocolError):
         from_body(NestedRequest, body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScalarsRequest(Message):
+    offset: int = 0
+    name: str = ""
+    flag: bool = False
+    ratio: float = 0.0
+    epoch: int | None = None
+    ids: list[int] = dataclasses.field(default_factory=list)
+    configs: dict[str, int] = dataclasses.field(default_factory=dict)
+    parts: list[Part] = dataclasses.field(default_factory=list)
+
+
+def test_scalars_of_the_declared_types_decode_including_the_64_bit_extremes() -> None:
+    body = {
+        "offset": INT_MAX,
+        "name": "ü/..",
+        "flag": True,
+        "ratio": 3,  # an integer is a number
+        "epoch": INT_MIN,
+        "ids": [0, -1, INT_MAX],
+        "configs": {"a": INT_MIN},
+        "parts": [{"partition": -5}],
+    }
+    req = from_body(ScalarsRequest, body)
+    assert (req.offset, req.name, req.flag, req.epoch) == (INT_MAX, "ü/..", True, INT_MIN)
+    assert req.ratio == 3
+    assert from_body(ScalarsRequest, {"epoch": None}).epoch is None
+    assert from_body(ScalarsRequest, to_body(req)) == req
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"offset": "1"}, "offset"),
+        ({"offset": 1.0}, "offset"),
+        ({"offset": True}, "offset"),  # a bool is not an integer on the wire
+        ({"offset": None}, "offset"),  # not optional
+        ({"offset": INT_MAX + 1}, "offset"),  # CBOR carries bignums; int64 is the limit
+        ({"offset": INT_MIN - 1}, "offset"),
+        ({"name": b"t"}, "name"),
+        ({"name": 7}, "name"),
+        ({"flag": 1}, "flag"),
+        ({"ratio": "0.5"}, "ratio"),
+        ({"epoch": "3"}, "epoch"),
+        ({"epoch": 1 << 64}, "epoch"),
+        ({"parts": [{"partition": "0"}]}, "partition"),
+        ({"ids": [1, "2"]}, "array"),
+        ({"ids": [1 << 70]}, "array"),
+        ({"configs": {"a": "1"}}, "map"),
+        ({"configs": {1: 1}}, "map"),
+    ],
+)
+def test_scalars_of_the_wrong_type_or_range_are_protocol_errors(body: dict, field: str) -> None:
+    with pytest.raises(ProtocolError, match=field):
+        from_body(ScalarsRequest, body)
 
 
 def test_versions() -> None:
