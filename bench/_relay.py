@@ -7,7 +7,14 @@ client once both have. Here that chain carries 100-byte messages and nothing els
 followers written two ways:
 
 - ``blocking``: plain blocking sockets and ``selectors``, the cheapest Python can do;
-- ``trio``: trio streams, one task per connection, the way dlog's nodes do I/O.
+- ``trio``: trio streams, one task per connection, the way dlog's nodes do I/O;
+- ``asyncio``: asyncio streams, for comparison with the other event loop.
+
+And with no network at all, :func:`cpu_probe` measures how steady this machine's CPU
+is at this rhythm: one process does the same small piece of Python work once every
+millisecond and times each piece. On a quiet machine every piece takes the same time;
+on this VM, pieces run several times slower for tens of milliseconds at a time, and a
+chain whose every hop costs a few hundred microseconds of Python then falls behind.
 
 The client is the same for both: open loop, like the produce benchmark (a sender
 thread keeps to the rate whatever the answers do, a receiver thread times each
@@ -176,10 +183,119 @@ def trio_leader(ports: Any, follower_ports: list[int]) -> None:
     trio.run(main)
 
 
+# -- asyncio -------------------------------------------------------------------------
+
+
+def asyncio_follower(ports: Any) -> None:
+    import asyncio
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                message = await reader.readexactly(MESSAGE_BYTES)
+                writer.write(message[:_ACK_BYTES])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)  # TCP_NODELAY is set
+        ports.put(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def asyncio_leader(ports: Any, follower_ports: list[int]) -> None:
+    import asyncio
+
+    async def main() -> None:
+        followers = [await asyncio.open_connection("127.0.0.1", p) for p in follower_ports]
+        acks: dict[bytes, int] = {}
+        clients: list[asyncio.StreamWriter] = []
+        done = asyncio.Event()
+
+        async def from_follower(reader: asyncio.StreamReader) -> None:
+            while True:
+                ack = await reader.readexactly(_ACK_BYTES)
+                acks[ack] += 1
+                if acks[ack] == len(followers):
+                    del acks[ack]
+                    clients[0].write(ack)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            clients.append(writer)
+            try:
+                while True:
+                    message = await reader.readexactly(MESSAGE_BYTES)
+                    acks[message[:_ACK_BYTES]] = 0
+                    for _, follower in followers:
+                        follower.write(message)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                done.set()  # the client is done: so is the run
+
+        readers = [asyncio.create_task(from_follower(reader)) for reader, _ in followers]
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        ports.put(server.sockets[0].getsockname()[1])
+        await done.wait()
+        for task in readers:
+            task.cancel()
+        server.close()
+
+    asyncio.run(main())
+
+
 STACKS: dict[str, tuple[Callable[..., None], Callable[..., None]]] = {
     "blocking": (blocking_leader, blocking_follower),
     "trio": (trio_leader, trio_follower),
+    "asyncio": (asyncio_leader, asyncio_follower),
 }
+
+
+# -- the CPU probe --------------------------------------------------------------------
+
+
+def _probe_work(n: int = 1000) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def cpu_probe(seconds: float, period_s: float = 0.001) -> dict[str, float]:
+    """Do the same small piece of work every ``period_s`` for ``seconds`` (in this
+    process, which should be otherwise idle) and time each piece.
+
+    Returns the median and p99 piece in microseconds, the share of pieces that took
+    more than 4 times the median (``slow_pct``), and the longest stretch of time in
+    which slow pieces followed each other less than 5 ms apart (``longest_slow_ms``).
+    """
+    perf = time.perf_counter
+    durations: list[float] = []
+    slow_at: list[float] = []
+    end = perf() + seconds
+    while perf() < end:
+        time.sleep(period_s)
+        start = perf()
+        _probe_work()
+        durations.append(perf() - start)
+        slow_at.append(start)
+    ordered = sorted(durations)
+    median = ordered[len(ordered) // 2]
+    starts = [t for t, d in zip(slow_at, durations, strict=True) if d > 4 * median]
+    longest = 0.0
+    first = last = None
+    for t in starts:
+        if last is None or t - last >= 0.005:
+            first = t
+        last = t
+        assert first is not None
+        longest = max(longest, t - first)
+    return {
+        "p50_us": round(median * 1e6, 1),
+        "p99_us": round(ordered[int(len(ordered) * 0.99)] * 1e6, 1),
+        "slow_pct": round(100 * len(starts) / len(durations), 2),
+        "longest_slow_ms": round(longest * 1e3, 1),
+    }
 
 
 def relay_latencies(stack: str, rate: float, seconds: float) -> list[float]:
@@ -237,7 +353,7 @@ def main() -> None:
     args = parser.parse_args()
     from _harness import percentile
 
-    figures = {}
+    figures: dict[str, float] = {}
     for stack in STACKS:
         samples = relay_latencies(stack, args.rate, args.seconds)
         for p in (50, 99):
@@ -246,6 +362,13 @@ def main() -> None:
             f"{stack:>8}: p50 {percentile(samples, 50):.3f} ms, p99 {percentile(samples, 99):.3f}"
             f" ms, max {max(samples):.3f} ms ({len(samples)} messages)"
         )
+    probe = cpu_probe(args.seconds)
+    figures.update({f"cpu_probe_{k}": v for k, v in probe.items()})
+    print(
+        f"cpu probe: one piece of work every ms: p50 {probe['p50_us']} us, p99 {probe['p99_us']}"
+        f" us, {probe['slow_pct']}% over 4x the median, longest slow stretch"
+        f" {probe['longest_slow_ms']} ms"
+    )
     print(json.dumps(figures))
 
 

@@ -8,8 +8,10 @@ Runs, each against a fresh local cluster (separate node processes on 127.0.0.1):
    one record at a time, linger 0);
 4. the latency baseline, same rate and length (bench/_relay.py): the same four-process
    chain (client -> leader -> two followers -> leader -> client) carrying bare
-   100-byte messages, once over blocking sockets and once over trio streams, so the
-   machine's own tail at this rate is measured in the same run.
+   100-byte messages, over blocking sockets, trio streams and asyncio streams, so the
+   machine's own tail at this rate is measured in the same run;
+5. the CPU probe (bench/_relay.py ``cpu_probe``): one process doing the same small
+   piece of Python work every millisecond, to show how steady the CPU itself is.
 
 Every throughput run is verified afterwards: a consumer reads the topic back and the
 record count and checksum must match what was acknowledged. Figures are medians of
@@ -36,7 +38,7 @@ from _harness import (
     median,
     percentile,
 )
-from _relay import STACKS, relay_latencies
+from _relay import STACKS, cpu_probe, relay_latencies
 from dlogctl import workloads
 
 import dlog
@@ -99,6 +101,7 @@ def main() -> None:
             latency, [n.rpc for n in spec.nodes], "bench-latency", args.latency_seconds, 1000
         )
     relay = {stack: relay_latencies(stack, 1000, args.latency_seconds) for stack in STACKS}
+    probe = cpu_probe(args.latency_seconds)
     r1 = median(runs["1node"])
     r3 = median(runs["3node"])
     result = {
@@ -114,6 +117,7 @@ def main() -> None:
             for stack in STACKS
             for p in (50, 99)
         },
+        **{f"cpu_probe_{k}": v for k, v in probe.items()},
         "repeat": args.repeat,
         "seconds": args.seconds,
         "partitions": args.partitions,
@@ -145,6 +149,12 @@ def main() -> None:
             f"p99 {result[f'relay_{stack}_p99_ms']} ms",
             "",
         )
+    table.add_row(
+        "  baseline: CPU probe (work every ms)",
+        f"p50 {probe['p50_us'] / 1000:.3f} ms",
+        f"p99 {probe['p99_us'] / 1000:.3f} ms",
+        f"{probe['slow_pct']}% > 4x p50",
+    )
     Console().print(table)
     print(json.dumps(result))
 
