@@ -1,7 +1,7 @@
 # dlog: the README's two commands (`make run`, `make test`) work on a fresh clone
 # with only python3 and make: each creates .venv when it is missing.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check --quiet
 # Installs are stamped so repeated runs skip pip; editing pyproject.toml redoes them.

@@ -3,6 +3,7 @@ checksums come from :mod:`dlogctl.workloads` (what ``dlogctl bench`` runs too)."
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +26,34 @@ __all__ = [
     "local_cluster",
     "median",
     "percentile",
+    "python_build",
     "values",
 ]
+
+
+def python_build() -> str:
+    """Which interpreter ran the benchmark, for its JSON line: every figure here is
+    bound by the interpreter's speed, and builds differ by 15-25% per request on this
+    machine (see the README's benchmarks section). Says whether libpython is a shared
+    library (slower calls unless built with -fno-semantic-interposition) and whether
+    CPython's own PGO+LTO switch was used (distributions may optimize without it)."""
+    import os
+    import sysconfig
+
+    traits = []
+    try:
+        with open("/proc/self/maps") as maps:  # (Linux)
+            traits.append("libpython shared" if "libpython" in maps.read() else "libpython static")
+    except OSError:
+        pass
+    config_args = sysconfig.get_config_var("CONFIG_ARGS") or ""
+    if "--enable-optimizations" in config_args:
+        traits.append("--enable-optimizations")
+    if "--with-lto" in config_args:
+        traits.append("--with-lto")
+    version = sys.version.split()[0]
+    where = os.path.realpath(sys.executable)  # (the interpreter a venv links to)
+    return f"{version} {where}" + (f" ({', '.join(traits)})" if traits else "")
 
 
 @contextmanager

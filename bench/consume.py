@@ -19,7 +19,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import VALUE_BYTES, expected_checksum, local_cluster, median
+from _harness import VALUE_BYTES, expected_checksum, local_cluster, median, python_build
 from dlogctl import workloads
 
 import dlog
@@ -78,6 +78,7 @@ def main() -> None:
         "getmany, every value checksummed", f"{rate:,.0f}", str(result["mb_s"]), ">= 500,000/s"
     )
     Console().print(table)
+    result["python"] = python_build()
     print(json.dumps(result))
 
 

@@ -26,7 +26,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import local_cluster, median
+from _harness import local_cluster, median, python_build
 from dlogctl.local import ClusterSpec, kill_node, start_node, wait_ready
 
 import dlog
@@ -190,6 +190,7 @@ def main() -> None:
     table.add_row("acknowledged records lost", str(result["acked_lost"]), "0")
     table.add_row("acknowledged order kept", str(result["order_ok"]), "True")
     Console().print(table)
+    result["python"] = python_build()
     print(json.dumps(result))
 
 

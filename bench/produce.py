@@ -37,6 +37,7 @@ from _harness import (
     local_cluster,
     median,
     percentile,
+    python_build,
 )
 from _relay import STACKS, cpu_probe, relay_latencies
 from dlogctl import workloads
@@ -156,6 +157,7 @@ def main() -> None:
         f"{probe['slow_pct']}% > 4x p50",
     )
     Console().print(table)
+    result["python"] = python_build()
     print(json.dumps(result))
 
 

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import trio
+from _harness import python_build
 
 from dlog.net import RpcServer, open_rpc_pool
 from dlog.net.messages import EchoRequest, Message, register
@@ -337,6 +338,7 @@ def main() -> None:
         ">= 0.7 x raw",
     )
     Console().print(table)
+    result["python"] = python_build()
     print(json.dumps(result))
 
 

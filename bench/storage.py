@@ -26,6 +26,7 @@ from pathlib import Path
 
 import crc32c
 import trio
+from _harness import python_build
 from rich.console import Console
 from rich.table import Table
 
@@ -293,6 +294,7 @@ def main() -> None:
         f"{appended['batches']:,} batches, {appended['records']:,} records,"
         f" {mb:,.0f} MB; read back and verified: {'yes' if ok else 'NO'}"
     )
+    results["python"] = python_build()
     print(json.dumps(results), flush=True)
     if not ok:
         sys.exit(1)

@@ -25,3 +25,9 @@ def test_cpu_probe_reports_its_figures() -> None:
     assert 0 < figures["p50_us"] <= figures["p99_us"]
     assert 0 <= figures["slow_pct"] <= 100
     assert figures["longest_slow_ms"] >= 0
+
+
+def test_python_build_names_the_running_interpreter() -> None:
+    from _harness import python_build
+
+    assert python_build().startswith(sys.version.split()[0] + " ")
