@@ -15,6 +15,8 @@ Failure behaviour:
   (retriable); a response that arrives later is dropped.
 - When a connection drops, every call in flight on it fails with NetworkError
   (retriable): the request may or may not have been handled.
+- A connect that fails (refused, unresolvable, or a host name the resolver cannot
+  even encode: addresses come from peers) raises NetworkError.
 - Connecting to an address that failed recently waits out an exponential backoff with
   jitter (bounded by the call's own timeout) before trying again.
 - A caller cancelled while waiting leaves the connection usable.
@@ -709,7 +711,9 @@ class RpcPool:
             await trio.sleep_until(backoff.next_attempt)
             try:
                 stream = await self._open_stream(address)
-            except (OSError, trio.TooSlowError, DlogError) as exc:
+            # ValueError: a host name the resolver refuses to encode (IDNA), which an
+            # address learned from a peer may hold; a failed connect like any other.
+            except (OSError, ValueError, trio.TooSlowError, DlogError) as exc:
                 backoff.failures += 1
                 delay = min(
                     self.config.reconnect_backoff_max_s,

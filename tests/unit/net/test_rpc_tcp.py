@@ -106,6 +106,18 @@ async def test_connect_refused_is_a_network_error_and_backs_off() -> None:
             await pool.call(f"127.0.0.1:{port}", EchoRequest(), timeout=0.01)
 
 
+@pytest.mark.parametrize(
+    "host", ["a" * 300, "..", "a..b", "ü" * 70], ids=["long", "dots", "empty-label", "unicode"]
+)
+async def test_a_host_name_that_cannot_be_encoded_is_a_network_error(host: str) -> None:
+    # The resolver refuses these before any lookup (an IDNA label that is empty or
+    # longer than 63 characters). Peers' addresses come from the network (a broker's
+    # registration, a Raft configuration), so this must fail the call, not the caller.
+    async with open_rpc_pool(ClientConfig(reconnect_backoff_s=0.01)) as pool:
+        with pytest.raises(NetworkError, match="cannot connect"):
+            await pool.call(f"{host}:1", EchoRequest(), timeout=5)
+
+
 async def test_malformed_input_on_one_connection_leaves_others_alone() -> None:
     async with trio.open_nursery() as nursery:
         server = make_server(Gates(), ServerConfig(max_frame_bytes=1 << 20))
