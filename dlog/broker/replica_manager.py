@@ -726,6 +726,11 @@ class ReplicaManager:
         results = []
         for q in request.partitions:
             try:
+                if q.timestamp < 0 and q.timestamp not in (EARLIEST_TIMESTAMP, LATEST_TIMESTAMP):
+                    raise InvalidRequestError(
+                        f"timestamp {q.timestamp}: use a time in ms (>= 0), "
+                        f"{LATEST_TIMESTAMP} (latest) or {EARLIEST_TIMESTAMP} (earliest)"
+                    )
                 p = self._leader(q.topic, q.partition)
                 hw = p.high_watermark
                 offset: int
