@@ -84,6 +84,17 @@ TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 INTERNAL_TOPICS = frozenset({"__consumer_offsets"})
 #: A Raft membership change not applied after this long is logged (and waited for again).
 MEMBERSHIP_CHANGE_WARN_S = 30.0
+#: New partitions one request may create (Kafka's limit, KAFKA-17870 / KAFKA-19673): a
+#: count is an i64 on the wire, and the controller assigns and proposes every
+#: partition at once, holding its lock.
+MAX_PARTITIONS_PER_REQUEST = 10_000
+
+
+def _check_new_partitions(count: int) -> None:
+    if count > MAX_PARTITIONS_PER_REQUEST:
+        raise InvalidPartitionsError(
+            f"{count} new partitions in one request; at most {MAX_PARTITIONS_PER_REQUEST}"
+        )
 
 
 def validate_topic_name(name: str) -> None:
@@ -438,6 +449,15 @@ class Controller:
         return [b for b in image.unfenced_brokers() if b in live and b not in self._shutting_down]
 
     async def create_topics(self, req: CreateTopicsRequest) -> CreateTopicsResponse:
+        try:
+            _check_new_partitions(sum(max(0, topic.partitions) for topic in req.topics))
+        except InvalidPartitionsError as exc:
+            return CreateTopicsResponse(
+                topics=[
+                    TopicResult(name=t.name, error_code=int(exc.code), error_message=exc.message)
+                    for t in req.topics
+                ]
+            )
         results = []
         for topic in req.topics:
             try:
@@ -459,6 +479,7 @@ class Controller:
         validate_topic_name(topic.name)
         if topic.partitions < 1:
             raise InvalidPartitionsError(f"partitions must be >= 1, got {topic.partitions}")
+        _check_new_partitions(topic.partitions)
         configs = validate_topic_configs(topic.configs)
         async with self._lock:
             image = self._image()
@@ -539,6 +560,7 @@ class Controller:
                         f"topic {req.name!r} has {len(info.partitions)} partitions; "
                         "partitions can only be added"
                     )
+                _check_new_partitions(req.partitions - len(info.partitions))
                 rf = len(info.partitions[0].replicas)
                 assignments = assign_replicas(
                     len(info.partitions),

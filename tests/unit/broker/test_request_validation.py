@@ -6,11 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dlog.errors import ErrorCode
+import pytest
+import trio
+
+from dlog.errors import ErrorCode, InvalidPartitionsError
 from dlog.net.protocol import (
+    AlterTopicRequest,
+    CreateTopicsRequest,
     ListOffsetsPartition,
     ListOffsetsRequest,
     ListOffsetsResponse,
+    NewTopic,
 )
 from tests.unit.broker.dataplane import dataplane_cluster
 from tests.unit.broker.test_replication import produce
@@ -39,3 +45,36 @@ async def test_list_offsets_refuses_negative_timestamps_it_does_not_define(
             0,
         ]
         assert [r.offset for r in resp.partitions[2:]] == [0, 1]
+
+
+async def test_creating_or_adding_more_partitions_than_a_request_may_is_refused(
+    tmp_path: Path,
+) -> None:
+    # Kafka's limit (10,000 new partitions per request). Without one, a count of 2**63-1
+    # kept the controller assigning replicas forever, holding its lock.
+    async with dataplane_cluster(tmp_path, n=1) as cluster:
+        controller = cluster.controller
+        assert controller is not None
+        with trio.fail_after(5):
+            for count in (10_001, (1 << 63) - 1):
+                resp = await controller.create_topics(
+                    CreateTopicsRequest(
+                        topics=[NewTopic(name="big", partitions=count)], validate_only=True
+                    )
+                )
+                assert [t.error_code for t in resp.topics] == [ErrorCode.INVALID_PARTITIONS]
+            # The limit is on the request: two topics of 6,000 partitions exceed it.
+            resp = await controller.create_topics(
+                CreateTopicsRequest(
+                    topics=[NewTopic(name=n, partitions=6_000) for n in ("a", "b")],
+                    validate_only=True,
+                )
+            )
+            assert [t.error_code for t in resp.topics] == [ErrorCode.INVALID_PARTITIONS] * 2
+            await cluster.create_topic("t", rf=1)
+            for count in (10_002, (1 << 63) - 1):
+                with pytest.raises(InvalidPartitionsError):
+                    await controller.alter_topic(
+                        AlterTopicRequest(name="t", partitions=count, validate_only=True)
+                    )
+        assert len(cluster.image.topics["t"].partitions) == 1
