@@ -59,6 +59,7 @@ from dlog.errors import (
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
+from dlog.net.address import parse_address
 from dlog.net.protocol import (
     AlterPartitionRequest,
     AlterPartitionResponse,
@@ -102,6 +103,24 @@ def validate_topic_name(name: str) -> None:
         raise InvalidTopicError(
             f"invalid topic name {name!r}: use 1-249 characters from [a-zA-Z0-9._-]"
         )
+
+
+def _validate_registration(req: BrokerRegistrationRequest) -> None:
+    """A registration must name a broker others can reach: the controller adds it to
+    the Raft quorum at its raft address, and brokers and clients connect to its rpc."""
+    if req.node_id < 0:
+        raise InvalidRequestError(f"node id {req.node_id}: node ids are >= 0")
+    if not req.directory_id or not req.incarnation:
+        raise InvalidRequestError(f"broker {req.node_id}: no directory id or incarnation")
+    for key, address in (("rpc", req.rpc), ("gossip", req.gossip), ("raft", req.raft)):
+        try:
+            _, port = parse_address(address)
+        except InvalidConfigError as exc:
+            raise InvalidRequestError(f"broker {req.node_id}: {key} {exc.message}") from None
+        if port == 0:
+            raise InvalidRequestError(
+                f"broker {req.node_id}: {key} address {address!r} has no port"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +354,7 @@ class Controller:
     # --- broker requests ----------------------------------------------------------------------
 
     async def register_broker(self, req: BrokerRegistrationRequest) -> BrokerRegistrationResponse:
+        _validate_registration(req)
         if req.cluster_id != self.cluster_id:
             raise InconsistentClusterIdError(
                 f"broker {req.node_id} belongs to cluster {req.cluster_id}, not {self.cluster_id}"

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from dlog.errors import ErrorCode, InvalidPartitionsError
+from dlog.errors import ErrorCode, InvalidPartitionsError, InvalidRequestError
 from dlog.net.protocol import (
     AlterTopicRequest,
+    BrokerRegistrationRequest,
     CreateTopicsRequest,
     ListOffsetsPartition,
     ListOffsetsRequest,
@@ -78,3 +79,43 @@ async def test_creating_or_adding_more_partitions_than_a_request_may_is_refused(
                         AlterTopicRequest(name="t", partitions=count, validate_only=True)
                     )
         assert len(cluster.image.topics["t"].partitions) == 1
+
+
+GOOD_REGISTRATION = {
+    "node_id": 7,
+    "directory_id": "d7",
+    "cluster_id": "test",
+    "incarnation": "i7",
+    "rpc": "127.0.0.1:9407",
+    "gossip": "127.0.0.1:9507",
+    "raft": "127.0.0.1:9607",
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("node_id", -1),
+        ("directory_id", ""),
+        ("incarnation", ""),
+        ("rpc", ""),
+        ("rpc", "garbage"),
+        ("gossip", "127.0.0.1:99999"),
+        ("raft", "127.0.0.1:0"),
+        ("raft", "[::1"),
+    ],
+)
+async def test_a_registration_that_names_no_reachable_broker_is_refused(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    # Such a broker cannot be talked to, yet the controller would try to add it to the
+    # Raft quorum (a learner needs a directory id and an address) on every tick.
+    async with dataplane_cluster(tmp_path, n=1) as cluster:
+        controller = cluster.controller
+        assert controller is not None
+        await controller.register_broker(BrokerRegistrationRequest(**GOOD_REGISTRATION))  # type: ignore[arg-type]
+        bad = {**GOOD_REGISTRATION, "node_id": 8, field: value}
+        with pytest.raises(InvalidRequestError):
+            await controller.register_broker(BrokerRegistrationRequest(**bad))  # type: ignore[arg-type]
+        assert 7 in cluster.image.brokers
+        assert 8 not in cluster.image.brokers and -1 not in cluster.image.brokers
