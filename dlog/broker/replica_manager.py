@@ -29,6 +29,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import trio
 
@@ -495,6 +496,21 @@ class ReplicaManager:
             )
         return p
 
+    def _is_follower(self, p: Partition, replica_id: int) -> bool:
+        return replica_id != self.node_id and replica_id in p.info.replicas
+
+    def _not_a_follower(self, p: Partition, replica_id: int, current_epoch: int) -> NoReturn:
+        """A follower fetch from a broker that does not replicate ``p`` (Kafka's answer:
+        UNKNOWN_LEADER_EPOCH when it named our epoch, so it refreshes its metadata, else
+        NOT_LEADER_OR_FOLLOWER)."""
+        message = (
+            f"broker {replica_id} is not a follower of {p.topic}-{p.partition} "
+            f"(replicas {list(p.info.replicas)}, leader epoch {p.leader_epoch})"
+        )
+        if current_epoch != NO_EPOCH:
+            raise UnknownLeaderEpochError(message)
+        raise NotLeaderError(message, leader=self.node_id, leader_epoch=p.leader_epoch)
+
     # --- produce -------------------------------------------------------------------------
 
     def produce(self, request: ProduceRequest) -> ProduceResponse | Deferred | Later:
@@ -596,10 +612,15 @@ class ReplicaManager:
         if follower:
             for fp in request.partitions:
                 p = self.partitions.get((fp.topic, fp.partition))
+                # Only what _read serves counts (as in Kafka, the follower's position
+                # is recorded after a successful read): its fetch offset becomes its
+                # log end offset, which moves the HW.
                 if (
                     p is not None
                     and p.role is Role.LEADER
                     and fp.current_leader_epoch in (NO_EPOCH, p.leader_epoch)
+                    and self._is_follower(p, request.replica_id)
+                    and p.log.log_start_offset <= fp.fetch_offset <= p.log_end_offset
                 ):
                     p.record_follower_fetch(request.replica_id, fp.fetch_offset, now)
                     if request.replica_id not in p.info.isr:
@@ -689,6 +710,8 @@ class ReplicaManager:
         for fp in request.partitions:
             try:
                 p = self._leader(fp.topic, fp.partition, fp.current_leader_epoch)
+                if follower and not self._is_follower(p, request.replica_id):
+                    self._not_a_follower(p, request.replica_id, fp.current_leader_epoch)
                 budget = min(fp.partition_max_bytes, request.max_bytes - total)
                 plog = p.log
                 upper = None if follower else p.high_watermark

@@ -11,9 +11,13 @@ import trio
 
 from dlog.errors import ErrorCode, InvalidPartitionsError, InvalidRequestError
 from dlog.net.protocol import (
+    NO_EPOCH,
     AlterTopicRequest,
     BrokerRegistrationRequest,
     CreateTopicsRequest,
+    FetchPartition,
+    FetchRequest,
+    FetchResponse,
     ListOffsetsPartition,
     ListOffsetsRequest,
     ListOffsetsResponse,
@@ -119,3 +123,59 @@ async def test_a_registration_that_names_no_reachable_broker_is_refused(
             await controller.register_broker(BrokerRegistrationRequest(**bad))  # type: ignore[arg-type]
         assert 7 in cluster.image.brokers
         assert 8 not in cluster.image.brokers and -1 not in cluster.image.brokers
+
+
+async def test_a_follower_fetch_counts_only_from_a_replica_at_an_offset_in_the_log(
+    tmp_path: Path,
+) -> None:
+    """The leader takes a follower's fetch offset for that follower's log end, which
+    moves the HW. An offset beyond the leader's log end (OFFSET_OUT_OF_RANGE) or a
+    replica id that is not a follower of the partition (NOT_LEADER_OR_FOLLOWER, or
+    UNKNOWN_LEADER_EPOCH when it names an epoch, as Kafka answers) must not: a fetch
+    claiming offset 2**62 for a real follower committed records no follower had."""
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t")
+        await produce(cluster, "t", b"committed")
+        leader = cluster.leader_of("t")
+        followers = [n.node_id for n in cluster.nodes.values() if n is not leader]
+        for node in cluster.nodes.values():
+            if node is not leader:
+                node.rm.fetch_delay_s = 3600
+        await trio.lowlevel.checkpoint()
+        await produce(cluster, "t", b"not replicated", acks=1)
+        p = leader.rm.partitions[("t", 0)]
+        assert (p.high_watermark, p.log_end_offset) == (1, 2)
+
+        async def follower_fetch(replica: int, offset: int, epoch: int = NO_EPOCH) -> int:
+            resp = await cluster.pool.call(
+                leader.address,
+                FetchRequest(
+                    replica_id=replica,
+                    max_wait_ms=0,
+                    partitions=[
+                        FetchPartition(
+                            topic="t",
+                            partition=0,
+                            fetch_offset=offset,
+                            current_leader_epoch=epoch,
+                        )
+                    ],
+                ),
+            )
+            assert isinstance(resp, FetchResponse)
+            return resp.partitions[0].error_code
+
+        for replica in followers:
+            assert await follower_fetch(replica, 1 << 62) == ErrorCode.OFFSET_OUT_OF_RANGE
+            assert await follower_fetch(replica, 3) == ErrorCode.OFFSET_OUT_OF_RANGE
+        for stranger in (leader.node_id, 99):
+            assert await follower_fetch(stranger, 2) == ErrorCode.NOT_LEADER_OR_FOLLOWER
+            assert await follower_fetch(stranger, 2, p.leader_epoch) == (
+                ErrorCode.UNKNOWN_LEADER_EPOCH
+            )
+        assert (p.high_watermark, p.log_end_offset) == (1, 2)
+        assert sorted(p.followers) == sorted(followers)
+        # A real follower at a real offset still moves the HW.
+        for replica in followers:
+            assert await follower_fetch(replica, 2) == 0
+        assert p.high_watermark == 2
