@@ -522,6 +522,20 @@ class ReplicaManager:
         if acks not in (ACKS_NONE, ACKS_LEADER, ACKS_ALL):
             raise InvalidRequiredAcksError(f"acks={acks}")
         payload = memoryview(payload_bytes(request.payload))
+        # The sizes cut the payload into the partitions' record sets, in order: unless
+        # they add up to it exactly, no cut is trustworthy and nothing is written.
+        framed = 0
+        for part in request.partitions:
+            if part.size < 0:
+                raise InvalidRequestError(
+                    f"{part.topic}-{part.partition}: negative size {part.size}; partition "
+                    "sizes frame the payload"
+                )
+            framed += part.size
+        if framed != len(payload):
+            raise InvalidRequestError(
+                f"partition sizes add up to {framed} bytes; the payload has {len(payload)}"
+            )
         results: list[ProducePartitionResult] = []
         waits: list[_Wait] = []
         appended: list[Partition] = []
@@ -531,8 +545,8 @@ class ReplicaManager:
             chunk = payload[position : position + part.size]
             position += part.size
             try:
-                if part.size <= 0 or len(chunk) != part.size:
-                    raise InvalidRequestError("partition sizes do not match the payload")
+                if not part.size:
+                    raise InvalidRequestError(f"{part.topic}-{part.partition}: no record batches")
                 p = self._leader(part.topic, part.partition)
                 if not session_ok:
                     raise NotLeaderError(

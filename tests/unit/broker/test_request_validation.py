@@ -22,9 +22,12 @@ from dlog.net.protocol import (
     ListOffsetsRequest,
     ListOffsetsResponse,
     NewTopic,
+    ProducePartition,
+    ProduceRequest,
+    ProduceResponse,
 )
 from tests.unit.broker.dataplane import dataplane_cluster
-from tests.unit.broker.test_replication import produce
+from tests.unit.broker.test_replication import batch, produce
 
 
 async def test_list_offsets_refuses_negative_timestamps_it_does_not_define(
@@ -179,3 +182,49 @@ async def test_a_follower_fetch_counts_only_from_a_replica_at_an_offset_in_the_l
         for replica in followers:
             assert await follower_fetch(replica, 2) == 0
         assert p.high_watermark == 2
+
+
+async def test_produce_partition_sizes_must_frame_the_payload_exactly(tmp_path: Path) -> None:
+    """The payload is cut into the partitions' record sets by their sizes, in order. A
+    negative size, or sizes that do not add up to the payload, leave no meaning to any
+    cut: the request is refused whole and nothing is written. (A negative size moved
+    the cursor backwards, and the next partition took bytes from the wrong place.)"""
+    async with dataplane_cluster(tmp_path, n=1) as cluster:
+        await cluster.create_topic("t", rf=1)
+        leader = cluster.leader_of("t")
+        one = batch(b"x")
+        cases = [
+            ([-2 * len(one), len(one)], one + one),
+            ([len(one), -1], one),
+            ([len(one)], one + b"trailing"),
+            ([len(one), len(one)], one),
+        ]
+        for sizes, payload in cases:
+            with pytest.raises(InvalidRequestError, match="sizes"):
+                await cluster.pool.call(
+                    leader.address,
+                    ProduceRequest(
+                        acks=1,
+                        timeout_ms=1000,
+                        partitions=[
+                            ProducePartition(topic="t", partition=0, size=size) for size in sizes
+                        ],
+                        payload=payload,
+                    ),
+                )
+        assert leader.rm.partitions[("t", 0)].log_end_offset == 0
+        # An empty record set is that partition's error alone.
+        resp = await cluster.pool.call(
+            leader.address,
+            ProduceRequest(
+                acks=1,
+                timeout_ms=1000,
+                partitions=[
+                    ProducePartition(topic="t", partition=0, size=0),
+                    ProducePartition(topic="t", partition=0, size=len(one)),
+                ],
+                payload=one,
+            ),
+        )
+        assert isinstance(resp, ProduceResponse)
+        assert [r.error_code for r in resp.partitions] == [ErrorCode.INVALID_REQUEST, 0]
