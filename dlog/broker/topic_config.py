@@ -17,8 +17,16 @@ from dlog.errors import InvalidConfigError
 MS_PER_DAY = 24 * 3600 * 1000
 
 
+#: Integer configs are Kafka's LONGs: the storage layer's arithmetic on them (a flush
+#: interval in seconds is a float) holds only for values of that size.
+_LONG_MIN, _LONG_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _parse_int(text: str) -> int:
-    return int(text.strip().replace("_", ""))
+    value = int(text.strip().replace("_", ""))
+    if not _LONG_MIN <= value <= _LONG_MAX:
+        raise ValueError(f"{text} is not a 64-bit integer")
+    return value
 
 
 def _parse_bool(text: str) -> bool:
@@ -152,8 +160,9 @@ def validate_topic_configs(configs: Mapping[str, str | None]) -> dict[str, str |
         try:
             value = spec.parse(text)
         except ValueError:
+            kind = ", a 64-bit integer" if spec.parse is _parse_int else ""
             raise InvalidConfigError(
-                f"topic config {key}={raw!r}: expected {spec.requirement}", key=key
+                f"topic config {key}={raw!r}: expected {spec.requirement}{kind}", key=key
             ) from None
         if not spec.check(value):
             raise InvalidConfigError(

@@ -66,6 +66,14 @@ def test_topic_config_validation_and_resolution() -> None:
     ):
         with pytest.raises(InvalidConfigError):
             validate_topic_configs(bad)
+    # Integers are Kafka's LONGs: 64 bits (10**400 ms once crashed a log's flush timer).
+    for key in ("retention_ms", "flush_ms", "segment_ms", "flush_messages"):
+        validate_topic_configs({key: str((1 << 63) - 1)})
+        for huge in (str(1 << 63), "9" * 400):
+            with pytest.raises(InvalidConfigError, match="64-bit"):
+                validate_topic_configs({key: huge})
+    # One stored before that check keeps the default, as other bad stored values do.
+    assert TopicConfig.resolve({"flush_ms": "9" * 400}, 1).flush_ms == 1000
     cfg = TopicConfig.resolve(
         {"retention_ms": "5"}, replication_factor=3, defaults={"retention_ms": "7"}
     )

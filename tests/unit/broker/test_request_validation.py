@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from dlog.errors import ErrorCode, InvalidPartitionsError, InvalidRequestError
+from dlog.errors import (
+    ErrorCode,
+    InvalidConfigError,
+    InvalidPartitionsError,
+    InvalidRequestError,
+)
 from dlog.net.protocol import (
     NO_EPOCH,
     AlterTopicRequest,
@@ -228,3 +233,22 @@ async def test_produce_partition_sizes_must_frame_the_payload_exactly(tmp_path: 
         )
         assert isinstance(resp, ProduceResponse)
         assert [r.error_code for r in resp.partitions] == [ErrorCode.INVALID_REQUEST, 0]
+
+
+async def test_a_topic_config_beyond_64_bits_is_refused_and_the_largest_one_works(
+    tmp_path: Path,
+) -> None:
+    # flush_ms=10**400 was accepted; the first append then made the log's flush timer
+    # divide it into a float, and the OverflowError stopped the whole node.
+    async with dataplane_cluster(tmp_path, n=1) as cluster:
+        for key in ("flush_ms", "segment_ms", "retention_ms", "max_timestamp_skew_ms"):
+            name = key.replace("_", "-")
+            with pytest.raises(InvalidConfigError):
+                await cluster.create_topic(name, rf=1, **{key: "9" * 400})
+            await cluster.create_topic(name, rf=1, **{key: str((1 << 63) - 1)})
+            resp = await produce(cluster, name, b"a", acks=1)
+            assert resp.partitions[0].error_code == 0
+        # What the flush timer (every 100 ms) asks of a log with unflushed records.
+        log = cluster.leader_of("flush-ms").rm.partitions[("flush-ms", 0)].log
+        assert log.needs_flush
+        assert not log.flush_due(trio.current_time())
