@@ -593,7 +593,7 @@ class ReplicaManager:
             if p not in parked.partitions:
                 parked.partitions.append(p)
                 p.park(parked)
-        self._park_until(trio.current_time() + request.timeout_ms / 1000, parked)
+        self._park_until(trio.current_time() + _timeout_s(request), parked)
         return parked.later
 
     async def _complete_produce(
@@ -607,7 +607,7 @@ class ReplicaManager:
         then wait for replication as a parked produce would."""
         for p in flushes:
             await p.log.flush()
-        with trio.move_on_after(request.timeout_ms / 1000):
+        with trio.move_on_after(_timeout_s(request)):
             while waits := _settle(request, results, waits):
                 _, p, last, _ = waits[0]
                 await p.wait_for_high_watermark(last)  # (until that one settles)
@@ -1070,6 +1070,12 @@ class ReplicaManager:
         if batches and plog.flush_before_ack:
             await plog.flush()
         return True
+
+
+def _timeout_s(request: ProduceRequest) -> float:
+    """How long an acks=all produce waits for replication (as Kafka's DelayedProduce,
+    a timeout <= 0 waits for nothing)."""
+    return max(0, request.timeout_ms) / 1000
 
 
 def _error(code: int, message: str) -> DlogError:

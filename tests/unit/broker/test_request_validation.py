@@ -252,3 +252,18 @@ async def test_a_topic_config_beyond_64_bits_is_refused_and_the_largest_one_work
         log = cluster.leader_of("flush-ms").rm.partitions[("flush-ms", 0)].log
         assert log.needs_flush
         assert not log.flush_due(trio.current_time())
+
+
+@pytest.mark.parametrize("timeout_ms", [-1, -(1 << 63), 0])
+async def test_a_produce_that_fsyncs_first_takes_a_negative_timeout_as_none(
+    tmp_path: Path, timeout_ms: int
+) -> None:
+    # As Kafka, a timeout <= 0 waits for nothing. A produce to a topic that fsyncs
+    # before acknowledging handed a negative one to trio.move_on_after, whose
+    # ValueError made the written records' answer UNKNOWN_SERVER_ERROR.
+    async with dataplane_cluster(tmp_path, n=1) as cluster:
+        await cluster.create_topic("t", rf=1, flush_messages="1")
+        for acks in (-1, 1):
+            resp = await produce(cluster, "t", b"a", acks=acks, timeout_ms=timeout_ms)
+            assert resp.partitions[0].error_code == 0
+        assert cluster.leader_of("t").rm.partitions[("t", 0)].high_watermark == 2
