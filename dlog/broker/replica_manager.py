@@ -44,6 +44,7 @@ from dlog.errors import (
     FencedLeaderEpochError,
     InvalidRequestError,
     InvalidRequiredAcksError,
+    InvalidTopicError,
     LeaderNotAvailableError,
     NetworkError,
     NotEnoughReplicasAfterAppendError,
@@ -541,12 +542,18 @@ class ReplicaManager:
         appended: list[Partition] = []
         position = 0
         session_ok = self.hooks.session_ok()
+        topics = self.hooks.image().topics
         for part in request.partitions:
             chunk = payload[position : position + part.size]
             position += part.size
             try:
                 if not part.size:
                     raise InvalidRequestError(f"{part.topic}-{part.partition}: no record batches")
+                topic = topics.get(part.topic)
+                if topic is not None and topic.internal:
+                    # Its records are the broker's own (e.g. the offsets coordinator's,
+                    # which replays them as commits): as in Kafka, clients may not write.
+                    raise InvalidTopicError(f"{part.topic} is internal; clients cannot write to it")
                 p = self._leader(part.topic, part.partition)
                 if not session_ok:
                     raise NotLeaderError(

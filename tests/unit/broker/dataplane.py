@@ -17,7 +17,13 @@ from pathlib import Path
 import trio
 
 from dlog.broker.config import BrokerConfig
-from dlog.broker.controller import Controller, FollowerProgress, GossipView, QuorumMember
+from dlog.broker.controller import (
+    INTERNAL_TOPICS,
+    Controller,
+    FollowerProgress,
+    GossipView,
+    QuorumMember,
+)
 from dlog.broker.metadata import MetadataDelta, MetadataImage
 from dlog.broker.records import RegisterBroker, UnfenceBroker, encode_batch
 from dlog.broker.replica_manager import ReplicaManager, ReplicaManagerHooks
@@ -235,7 +241,8 @@ class DataPlaneCluster:
     ) -> None:
         assert self.controller is not None
         await self.controller.create_topic(
-            NewTopic(name=name, partitions=partitions, replication_factor=rf, configs=configs)
+            NewTopic(name=name, partitions=partitions, replication_factor=rf, configs=configs),
+            internal=name in INTERNAL_TOPICS,
         )
         for info in self.image.topics[name].partitions:
             for replica in info.replicas:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cbor2
 import pytest
 import trio
 
@@ -14,8 +15,12 @@ from dlog.net.protocol import (
     OffsetCommitPartition,
     OffsetCommitRequest,
     OffsetFetchRequest,
+    ProducePartition,
+    ProduceRequest,
+    ProduceResponse,
     TopicPartitionRef,
 )
+from dlog.storage import BatchBuilder
 from tests.unit.broker.dataplane import DataPlaneCluster, Node, dataplane_cluster, wait_until
 
 GROUP = "g"
@@ -121,3 +126,30 @@ async def test_a_takeover_serves_only_replicated_commits(tmp_path: Path) -> None
         await wait_until(lambda: p.high_watermark == p.log_end_offset)
         assert await fetched(new) == 2
         assert await fetched(c) == 2
+
+
+async def test_clients_may_not_produce_to_the_offsets_topic(tmp_path: Path) -> None:
+    """As in Kafka (INVALID_TOPIC_EXCEPTION): its records are the coordinator's, and a
+    client's would be replayed as commits by every coordinator that takes over."""
+    async with dataplane_cluster(tmp_path) as cluster:
+        leader, p = await start(cluster)
+        c = coordinator(leader, cluster)
+        assert await commit(c, 1) == 0
+        end = p.log_end_offset
+        builder = BatchBuilder(1)
+        builder.append(cbor2.dumps([5, ""]), key=cbor2.dumps([GROUP, "t", 0]))
+        forged = bytes(builder.build())
+        resp = await cluster.pool.call(
+            leader.address,
+            ProduceRequest(
+                acks=1,
+                timeout_ms=1000,
+                partitions=[ProducePartition(topic=OFFSETS_TOPIC, partition=0, size=len(forged))],
+                payload=forged,
+            ),
+        )
+        assert isinstance(resp, ProduceResponse)
+        assert resp.partitions[0].error_code == ErrorCode.INVALID_TOPIC_EXCEPTION
+        assert p.log_end_offset == end
+        assert await fetched(coordinator(leader, cluster)) == 1
+
