@@ -104,6 +104,19 @@ class PartitionOffsets:
                 self.offsets[key] = Committed(offset, metadata, record_offset)
 
 
+def _is_commit(
+    group: object, topic: object, partition: object, offset: object, metadata: object
+) -> bool:
+    """Whether a decoded record has the types :meth:`GroupCoordinator.commit` writes."""
+    return (
+        type(group) is str
+        and type(topic) is str
+        and type(partition) is int
+        and type(offset) is int
+        and type(metadata) is str
+    )
+
+
 def coordinator_partition(group: str, partitions: int) -> int:
     return zlib.crc32(group.encode()) % partitions
 
@@ -168,6 +181,8 @@ class GroupCoordinator:
                     offset, metadata = cbor2.loads(record.value)[:2]
                 except (ValueError, TypeError, cbor2.CBORDecodeError):
                     continue
+                if not _is_commit(group, topic, partition, offset, metadata):
+                    continue  # not one of ours: a key or value of other types
                 state.add(
                     record.offset, (group, topic, partition), offset, metadata, p.high_watermark
                 )

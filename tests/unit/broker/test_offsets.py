@@ -153,3 +153,23 @@ async def test_clients_may_not_produce_to_the_offsets_topic(tmp_path: Path) -> N
         assert p.log_end_offset == end
         assert await fetched(coordinator(leader, cluster)) == 1
 
+
+async def test_a_takeover_skips_records_it_cannot_have_written(tmp_path: Path) -> None:
+    """Records of the offsets topic that are no commit (a key or value of other types,
+    e.g. written by a client before clients were refused) are skipped when a coordinator
+    replays the partition; an unhashable key made every takeover fail."""
+    async with dataplane_cluster(tmp_path) as cluster:
+        leader, p = await start(cluster)
+        assert await commit(coordinator(leader, cluster), 1) == 0
+        builder = BatchBuilder(1)
+        for key, value in [
+            ([[GROUP], "t", 0], [7, ""]),  # unhashable group
+            ([GROUP, {"t": 1}, 0], [7, ""]),  # unhashable topic
+            ([GROUP, "t", 0], ["seven", ""]),  # not an offset
+            ([GROUP, "t", 0], [7, ["not", "metadata"]]),
+            ([GROUP, "t", 0.5], [7, ""]),  # not a partition
+        ]:
+            builder.append(cbor2.dumps(value), key=cbor2.dumps(key))
+        p.append_as_leader(builder.build())
+        await wait_until(lambda: p.high_watermark == p.log_end_offset)
+        assert await fetched(coordinator(leader, cluster)) == 1
