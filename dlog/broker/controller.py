@@ -575,6 +575,12 @@ class Controller:
                         f"topic {req.name!r} already has {req.partitions} partitions"
                     )
             elif req.partitions is not None:
+                if info.internal:
+                    # The offsets coordinator maps a group to partition
+                    # crc32(group) % count: a new count strands every group's commits.
+                    raise InvalidPartitionsError(
+                        f"cannot change the partition count of internal topic {req.name!r}"
+                    )
                 if req.partitions < len(info.partitions):
                     raise InvalidPartitionsError(
                         f"topic {req.name!r} has {len(info.partitions)} partitions; "

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from dlog.broker.offsets import OFFSETS_TOPIC
 from dlog.errors import (
     ErrorCode,
     InvalidConfigError,
@@ -267,3 +268,23 @@ async def test_a_produce_that_fsyncs_first_takes_a_negative_timeout_as_none(
             resp = await produce(cluster, "t", b"a", acks=acks, timeout_ms=timeout_ms)
             assert resp.partitions[0].error_code == 0
         assert cluster.leader_of("t").rm.partitions[("t", 0)].high_watermark == 2
+
+
+async def test_the_offsets_topic_keeps_its_partition_count(tmp_path: Path) -> None:
+    # A group's coordinator is partition crc32(group) % count: adding partitions sends
+    # groups to partitions that hold none of their commits, which are then lost.
+    async with dataplane_cluster(tmp_path, n=1) as cluster:
+        controller = cluster.controller
+        assert controller is not None
+        await cluster.create_topic(OFFSETS_TOPIC, partitions=2, rf=1)
+        for validate_only in (True, False):
+            with pytest.raises(InvalidPartitionsError, match="cannot change"):
+                await controller.alter_topic(
+                    AlterTopicRequest(name=OFFSETS_TOPIC, partitions=3, validate_only=validate_only)
+                )
+        assert len(cluster.image.topics[OFFSETS_TOPIC].partitions) == 2
+        # Its configs may change, and asking for the count it has changes nothing.
+        await controller.alter_topic(
+            AlterTopicRequest(name=OFFSETS_TOPIC, partitions=2, configs={"retention_ms": "-1"})
+        )
+        assert cluster.image.topics[OFFSETS_TOPIC].configs == {"retention_ms": "-1"}
