@@ -6,7 +6,7 @@ Layout::
     <data_dir>/<topic>-<partition>/     one PartitionLog
         partition.metadata              "version: 0" / "topic_id: <id>"
         00000000000000000000.log ...    segments and checkpoints (see log.py)
-    <data_dir>/<topic>-<partition>.<uuid>-delete/   being removed
+    <data_dir>/<topic>-<partition>.<uuid>-delete/   being removed (cut to 255 bytes)
 
 Ownership: the manager owns every :class:`PartitionLog` it opens; callers use them
 but never close them. :meth:`LogManager.run` owns the flush and retention tasks (in
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 PARTITION_METADATA: Final = "partition.metadata"
 DELETE_SUFFIX: Final = "-delete"
+#: The longest file name most file systems take (names here are ASCII).
+MAX_FILE_NAME_BYTES: Final = 255
 #: Not ".lock": a broker locking its own data directory must not collide with this.
 LOCK_FILE: Final = ".log-manager.lock"
 
@@ -46,6 +48,14 @@ TopicPartition = tuple[str, int]
 
 def partition_dir_name(topic: str, partition: int) -> str:
     return f"{topic}-{partition}"
+
+
+def doomed_dir_name(name: str) -> str:
+    """What directory ``name`` is renamed to before it is removed: unique, ending in
+    DELETE_SUFFIX, and (as Kafka's) cut to fit a file name's 255 bytes, since a
+    partition directory of the longest topic name alone takes up to 254."""
+    suffix = f".{uuid.uuid4().hex}{DELETE_SUFFIX}"
+    return name[: MAX_FILE_NAME_BYTES - len(suffix)] + suffix
 
 
 def parse_partition_dir_name(name: str) -> TopicPartition | None:
@@ -325,7 +335,7 @@ class LogManager:
         await self._remove_directory(log.directory)
 
     async def _remove_directory(self, directory: Path) -> None:
-        doomed = directory.with_name(f"{directory.name}.{uuid.uuid4().hex}{DELETE_SUFFIX}")
+        doomed = directory.with_name(doomed_dir_name(directory.name))
 
         def rename_and_remove() -> None:
             os.rename(directory, doomed)

@@ -110,6 +110,29 @@ async def test_delete_and_leftovers(tmp_path: Path, clock: ManualClock) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_logs_of_the_longest_topic_names_are_deleted(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    # A 249-character topic (the longest allowed) at partition 9999 is a 254-byte
+    # directory name; the "<name>.<uuid>-delete" it is renamed to on deletion must be
+    # cut to 255 bytes (as Kafka does), or the rename fails with "File name too long".
+    data = tmp_path / "data"
+    topic = "x" * 249
+    logs = manager(tmp_path, clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(logs.run)
+        for partition in (0, 9999):
+            await logs.get_or_create(topic, partition, "id-1")
+            assert await logs.delete(topic, partition)
+            assert logs.get(topic, partition) is None
+        # A directory of another topic id under that name is replaced, not adopted.
+        await logs.get_or_create(topic, 0, "id-1")
+        await logs.get_or_create(topic, 0, "id-2")
+        assert logs.topic_id(topic, 0) == "id-2"
+        assert [p.name for p in data.iterdir() if p.is_dir()] == [f"{topic}-0"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_one_data_dir_one_manager(tmp_path: Path, clock: ManualClock) -> None:
     first = manager(tmp_path, clock)
     async with trio.open_nursery() as nursery:
