@@ -213,7 +213,12 @@ class RpcConnection:
         self.config = config
         self._stream = stream
         self._writer = FrameWriter(stream, max_outbox_bytes=config.max_outbox_bytes)
-        self._decoder = FrameDecoder(max_frame_bytes=config.max_frame_bytes)
+        # A response header may be as large as a whole frame: a metadata answer for
+        # thousands of partitions is one header of several MiB. (The server's smaller
+        # cap on request headers bounds what strangers can make it parse.)
+        self._decoder = FrameDecoder(
+            max_frame_bytes=config.max_frame_bytes, max_header_bytes=config.max_frame_bytes
+        )
         self._pending: dict[int, PendingCall] = {}
         self._cids = itertools.count(1)
         #: The clock; run() swaps in the run's own clock method, which skips

@@ -56,10 +56,21 @@ class RecordResponse(Message):
     pass
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManyNamesRequest(Message):
+    count: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManyNamesResponse(Message):
+    names: list[str]
+
+
 register("test.wait", WaitRequest, WaitResponse)
 register("test.fail", FailRequest, FailResponse)
 register("test.chunks", ChunksRequest, ChunksResponse)
 register("test.record", RecordRequest, RecordResponse)
+register("test.many_names", ManyNamesRequest, ManyNamesResponse)
 
 
 class Gates:

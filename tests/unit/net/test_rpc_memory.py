@@ -21,13 +21,22 @@ from dlog.errors import (
     UnsupportedVersionError,
 )
 from dlog.net.client import ClientConfig, RpcConnection
-from dlog.net.framing import NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
+from dlog.net.framing import (
+    DEFAULT_MAX_HEADER_BYTES,
+    NEED_DATA,
+    Frame,
+    FrameDecoder,
+    encode_frame,
+    encode_header,
+)
 from dlog.net.messages import EchoRequest, EchoResponse, Message, payload_bytes
-from dlog.net.server import RpcServer, ServerConfig
+from dlog.net.server import Route, RpcServer, ServerConfig
 from tests.unit.net.rpc_fixtures import (
     ChunksRequest,
     FailRequest,
     Gates,
+    ManyNamesRequest,
+    ManyNamesResponse,
     WaitRequest,
     WaitResponse,
     make_server,
@@ -343,3 +352,19 @@ def test_a_connection_can_be_made_before_trio_runs_and_then_run() -> None:
             conn.close()
 
     trio.run(main)
+
+
+async def test_a_response_header_may_be_larger_than_a_request_header() -> None:
+    """A metadata answer for thousands of partitions is one header of several MiB: the
+    server's cap on request headers (1 MiB by default) does not bound what it answers,
+    so a client takes response headers up to its whole frame limit."""
+
+    def many(req: ManyNamesRequest) -> ManyNamesResponse:
+        return ManyNamesResponse(names=[f"topic-{i:093d}" for i in range(req.count)])
+
+    server = RpcServer({"test.many_names": Route(many, inline=True)}, name="test")
+    assert DEFAULT_MAX_HEADER_BYTES < 30_000 * 100
+    async with connected(server) as conn:
+        resp = await conn.call(ManyNamesRequest(count=30_000))
+        assert isinstance(resp, ManyNamesResponse)
+        assert len(resp.names) == 30_000 and resp.names[-1].endswith("29999")
