@@ -12,8 +12,10 @@ pokes them, so the change that satisfies one answers it; stopping answers the re
 What happens when metadata changes (:meth:`on_metadata`, called after every applied
 Raft batch once the broker serves, see :meth:`start_serving`): the delta is queued and
 one task applies it in order -- creating or deleting logs, making this broker leader
-or follower of each changed partition, starting or stopping fetchers. A follower
-always truncates its log to the leader's epoch history (OffsetsForLeaderEpoch) before
+or follower of each changed partition, starting or stopping fetchers. Each of those
+actions stands alone: one that fails (a disk error, say) is logged and tried again,
+against the image of that moment, after a backoff or with the next change, and the
+others go ahead meanwhile. A follower always truncates its log to the leader's epoch history (OffsetsForLeaderEpoch) before
 it fetches, so replica logs never diverge.
 
 The broker path never decodes a record: batches are validated by their headers and
@@ -92,6 +94,11 @@ from dlog.storage import LogConfig, LogManager, UnexpectedAppendOffsetError
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
+
+#: A local action of a metadata change that failed (say a disk error deleting a log)
+#: is tried again after this, doubling up to the maximum while it keeps failing.
+_METADATA_RETRY_S = 0.5
+_METADATA_RETRY_MAX_S = 30.0
 
 
 #: An acks=all wait: (index in the results, partition, last offset, leader epoch).
@@ -347,50 +354,90 @@ class ReplicaManager:
         self.on_metadata(everything)
 
     async def _metadata_loop(self) -> None:
+        retry_s = 0.0
+        failed = MetadataDelta()
         while True:
-            await self._pending_event.wait()
+            if failed.empty:
+                await self._pending_event.wait()
+            else:
+                # What failed is tried again (with the current image) after a backoff,
+                # or with the next metadata change, whichever comes first.
+                with trio.move_on_after(retry_s):
+                    await self._pending_event.wait()
             self._pending_event = trio.Event()
             delta, self._pending = self._pending, MetadataDelta()
+            delta.merge(failed)
             try:
                 if self._remove_strays:
-                    self._remove_strays = False
                     await self.remove_stray_logs()
-                await self._apply(delta)
+                    self._remove_strays = False
             except DlogError as exc:
-                if not self.logs.running:
-                    # The node is stopping (its log manager first): nothing went wrong.
-                    log.info("metadata not applied, the node is stopping: %s", exc)
-                    continue
-                log.error("applying metadata to local replicas failed: %s", exc)
+                # Strays go before the image is applied (see start_serving): all of it
+                # waits for the next attempt.
+                failed = delta
+                self._apply_failed("removing stray logs", exc)
+            else:
+                failed = await self._apply(delta)
+            if failed.empty:
+                retry_s = 0.0
+            elif not self.logs.running:
+                failed = MetadataDelta()  # the node is stopping: nothing to retry for
+            else:
+                retry_s = min(max(2 * retry_s, _METADATA_RETRY_S), _METADATA_RETRY_MAX_S)
 
-    async def _apply(self, delta: MetadataDelta) -> None:
+    def _apply_failed(self, what: str, exc: DlogError) -> None:
+        if not self.logs.running:
+            # The node is stopping (its log manager first): nothing went wrong.
+            log.info("metadata not applied, the node is stopping: %s: %s", what, exc)
+        else:
+            log.error("applying metadata to local replicas failed (will retry): %s: %s", what, exc)
+
+    async def _apply(self, delta: MetadataDelta) -> MetadataDelta:
+        """Act on ``delta`` as the current image has it. Each action stands alone: one
+        that fails (logged) does not hold up the others and is returned, to be tried
+        again; they are idempotent, so a retry does only what is still undone."""
         image = self.hooks.image()
-        for name, topic_id, count in delta.deleted_topics:
-            for partition in range(count):
-                await self._remove_partition((name, partition), topic_id)
+        failed = MetadataDelta()
+        for entry in delta.deleted_topics:
+            name, topic_id, count = entry
+            try:
+                for partition in range(count):
+                    await self._remove_partition((name, partition), topic_id)
+            except DlogError as exc:
+                failed.deleted_topics.append(entry)
+                self._apply_failed(f"deleting topic {name}", exc)
         for name in delta.config_changed_topics:
             topic = image.topics.get(name)
             if topic is None:
                 continue
-            for info in topic.partitions:
-                p = self.partitions.get((name, info.partition))
-                if p is not None:
-                    cfg = self._topic_config(image, info)
-                    p.update_config(cfg)
-                    p.log.update_config(self._log_config(cfg))
+            try:
+                for info in topic.partitions:
+                    p = self.partitions.get((name, info.partition))
+                    if p is not None:
+                        cfg = self._topic_config(image, info)
+                        p.update_config(cfg)
+                        p.log.update_config(self._log_config(cfg))
+            except DlogError as exc:
+                failed.config_changed_topics.add(name)
+                self._apply_failed(f"configuring topic {name}", exc)
         for tp in sorted(delta.partitions):
             changed = image.partition(*tp)
             if changed is None:
                 continue
-            if self.node_id in changed.replicas:
-                await self._apply_partition(image, changed)
-            elif tp in self.partitions:
-                await self._remove_partition(tp, changed.topic_id)
+            try:
+                if self.node_id in changed.replicas:
+                    await self._apply_partition(image, changed)
+                elif tp in self.partitions:
+                    await self._remove_partition(tp, changed.topic_id)
+            except DlogError as exc:
+                failed.partitions.add(tp)
+                self._apply_failed(f"partition {tp[0]}-{tp[1]}", exc)
         if delta.brokers:
             # A broker's address may have changed: restart fetchers that follow it.
             for p in list(self.partitions.values()):
                 if p.role is Role.FOLLOWER and p.info.leader in delta.brokers:
                     self._start_fetcher(p, p.info)
+        return failed
 
     async def _apply_partition(self, image: MetadataImage, info: PartitionInfo) -> None:
         tp = (info.topic, info.partition)

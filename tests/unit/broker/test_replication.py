@@ -731,3 +731,49 @@ def test_each_partition_of_a_parked_produce_is_settled_once() -> None:
     response = _produce_outcome(request, results, waits)  # type: ignore[arg-type]
     codes = [r.error_code for r in response.partitions]
     assert codes == [0, ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.REQUEST_TIMED_OUT]
+
+
+async def test_metadata_that_fails_to_apply_is_retried_and_does_not_hold_up_the_rest(
+    tmp_path: Path,
+) -> None:
+    """One local action of a metadata change failing (here a disk error deleting a
+    topic's log) neither skips the other actions of that change (a topic created in the
+    same batch is still replicated here) nor is forgotten: it is tried again."""
+    from dlog.broker.records import CreateTopic, DeleteTopic, PartitionAssignment, encode_batch
+    from dlog.errors import StorageError
+
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("doomed")
+        node = cluster.nodes[2]
+        real_delete = node.logs.delete
+        failures = []
+
+        async def delete_failing_once(topic: str, partition: int) -> None:
+            if topic == "doomed" and not failures:
+                failures.append((topic, partition))
+                raise StorageError("injected: rename failed")
+            await real_delete(topic, partition)
+
+        node.logs.delete = delete_failing_once  # type: ignore[method-assign]
+        doomed_id = cluster.image.topics["doomed"].topic_id
+        await cluster.quorum.propose(
+            encode_batch(
+                [
+                    DeleteTopic(topic_id=doomed_id),
+                    CreateTopic(
+                        name="fresh",
+                        topic_id="fresh-id",
+                        configs={},
+                        partitions=[
+                            PartitionAssignment(
+                                partition=0, replicas=[1, 2, 3], isr=[1, 2, 3], leader=1
+                            )
+                        ],
+                    ),
+                ]
+            )
+        )
+        await wait_until(lambda: ("fresh", 0) in node.rm.partitions)
+        assert failures == [("doomed", 0)]
+        await wait_until(lambda: ("doomed", 0) not in node.logs.logs, timeout=10)
+        await produce(cluster, "fresh", b"after")
