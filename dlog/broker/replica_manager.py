@@ -15,8 +15,8 @@ one task applies it in order -- creating or deleting logs, making this broker le
 or follower of each changed partition, starting or stopping fetchers. Each of those
 actions stands alone: one that fails (a disk error, say) is logged and tried again,
 against the image of that moment, after a backoff or with the next change, and the
-others go ahead meanwhile. A follower always truncates its log to the leader's epoch history (OffsetsForLeaderEpoch) before
-it fetches, so replica logs never diverge.
+others go ahead meanwhile. A follower always truncates its log to the leader's epoch
+history (OffsetsForLeaderEpoch) before it fetches, so replica logs never diverge.
 
 The broker path never decodes a record: batches are validated by their headers and
 copied between sockets and segments as bytes.
