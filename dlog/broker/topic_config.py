@@ -13,18 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from dlog.errors import InvalidConfigError
+from dlog.net.messages import INT_MAX, INT_MIN
 
 MS_PER_DAY = 24 * 3600 * 1000
 
 
-#: Integer configs are Kafka's LONGs: the storage layer's arithmetic on them (a flush
-#: interval in seconds is a float) holds only for values of that size.
-_LONG_MIN, _LONG_MAX = -(1 << 63), (1 << 63) - 1
-
-
 def _parse_int(text: str) -> int:
     value = int(text.strip().replace("_", ""))
-    if not _LONG_MIN <= value <= _LONG_MAX:
+    # Integer configs are Kafka's LONGs, the wire's integers: the storage layer's
+    # arithmetic on them (a flush interval in seconds is a float) holds only for those.
+    if not INT_MIN <= value <= INT_MAX:
         raise ValueError(f"{text} is not a 64-bit integer")
     return value
 
