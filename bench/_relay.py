@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import socket
 import struct
@@ -271,29 +272,28 @@ def cpu_probe(seconds: float, period_s: float = 0.001) -> dict[str, float]:
     """
     perf = time.perf_counter
     durations: list[float] = []
-    slow_at: list[float] = []
+    started: list[float] = []
     end = perf() + seconds
     while perf() < end:
         time.sleep(period_s)
         start = perf()
         _probe_work()
         durations.append(perf() - start)
-        slow_at.append(start)
+        started.append(start)
     ordered = sorted(durations)
     median = ordered[len(ordered) // 2]
-    starts = [t for t, d in zip(slow_at, durations, strict=True) if d > 4 * median]
+    slow = [t for t, d in zip(started, durations, strict=True) if d > 4 * median]
     longest = 0.0
-    first = last = None
-    for t in starts:
-        if last is None or t - last >= 0.005:
-            first = t
+    first = last = -math.inf
+    for t in slow:
+        if t - last >= 0.005:
+            first = t  # a new stretch
         last = t
-        assert first is not None
         longest = max(longest, t - first)
     return {
         "p50_us": round(median * 1e6, 1),
         "p99_us": round(ordered[int(len(ordered) * 0.99)] * 1e6, 1),
-        "slow_pct": round(100 * len(starts) / len(durations), 2),
+        "slow_pct": round(100 * len(slow) / len(durations), 2),
         "longest_slow_ms": round(longest * 1e3, 1),
     }
 
