@@ -99,6 +99,9 @@ TopicPartition = tuple[str, int]
 #: is tried again after this, doubling up to the maximum while it keeps failing.
 _METADATA_RETRY_S = 0.5
 _METADATA_RETRY_MAX_S = 30.0
+#: Partitions whose failure to apply is logged one by one in a round; the rest are
+#: summed up in one more line.
+_FAILURES_LOGGED = 3
 
 
 #: An acks=all wait: (index in the results, partition, last offset, leader epoch).
@@ -420,6 +423,7 @@ class ReplicaManager:
             except DlogError as exc:
                 failed.config_changed_topics.add(name)
                 self._apply_failed(f"configuring topic {name}", exc)
+        unapplied: list[tuple[TopicPartition, DlogError]] = []
         for tp in sorted(delta.partitions):
             changed = image.partition(*tp)
             if changed is None:
@@ -431,7 +435,15 @@ class ReplicaManager:
                     await self._remove_partition(tp, changed.topic_id)
             except DlogError as exc:
                 failed.partitions.add(tp)
-                self._apply_failed(f"partition {tp[0]}-{tp[1]}", exc)
+                unapplied.append((tp, exc))
+        # A disk or file-handle problem fails every partition alike: a few lines say
+        # what, not one per partition on every retry.
+        for (name, partition), error in unapplied[:_FAILURES_LOGGED]:
+            self._apply_failed(f"partition {name}-{partition}", error)
+        if len(unapplied) > _FAILURES_LOGGED:
+            (name, partition), error = unapplied[-1]
+            more = len(unapplied) - _FAILURES_LOGGED
+            self._apply_failed(f"{more} more partitions, the last {name}-{partition}", error)
         if delta.brokers:
             # A broker's address may have changed: restart fetchers that follow it.
             for p in list(self.partitions.values()):

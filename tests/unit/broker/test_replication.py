@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from dlog.net.protocol import (
     ListOffsetsPartition,
     ListOffsetsRequest,
     ListOffsetsResponse,
+    NewTopic,
     ProducePartition,
     ProduceRequest,
     ProduceResponse,
@@ -777,3 +779,41 @@ async def test_metadata_that_fails_to_apply_is_retried_and_does_not_hold_up_the_
         assert failures == [("doomed", 0)]
         await wait_until(lambda: ("doomed", 0) not in node.logs.logs, timeout=10)
         await produce(cluster, "fresh", b"after")
+
+
+async def test_many_partitions_failing_to_apply_log_a_few_lines_and_recover(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When every new partition fails alike (out of file handles, a full disk), the
+    broker says so in a few lines per attempt, not one per partition, and creates them
+    all once the fault is gone."""
+    from dlog.errors import StorageError
+
+    async with dataplane_cluster(tmp_path) as cluster:
+        node = cluster.nodes[2]
+        real_get_or_create = node.logs.get_or_create
+        broken = [True]
+        attempts: list[tuple[str, int]] = []
+
+        async def out_of_files(topic: str, partition: int, *args: Any, **kwargs: Any) -> Any:
+            if topic == "wide" and broken[0]:
+                attempts.append((topic, partition))
+                raise StorageError(f"injected: {topic}-{partition}: Too many open files")
+            return await real_get_or_create(topic, partition, *args, **kwargs)
+
+        node.logs.get_or_create = out_of_files  # type: ignore[method-assign]
+        caplog.set_level(logging.ERROR, logger="dlog.broker.replica_manager")
+        assert cluster.controller is not None
+        await cluster.controller.create_topic(
+            NewTopic(name="wide", partitions=40, replication_factor=3, configs={})
+        )
+        await wait_until(lambda: len(attempts) >= 40)
+        lines = [r.getMessage() for r in caplog.records]
+        rounds = len(attempts) // 40  # (a round has no checkpoint: never seen half done)
+        assert len(lines) == 4 * rounds, lines
+        assert "partition wide-0: KAFKA_STORAGE_ERROR" in lines[0]
+        assert "37 more partitions, the last wide-39" in lines[3]
+        broken[0] = False
+        await wait_until(
+            lambda: all(("wide", p) in node.rm.partitions for p in range(40)), timeout=10
+        )
