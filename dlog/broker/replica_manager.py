@@ -53,6 +53,7 @@ from dlog.errors import (
     NotEnoughReplicasError,
     NotLeaderError,
     RequestTimedOutError,
+    StorageError,
     UnknownLeaderEpochError,
     UnknownServerError,
     UnknownTopicOrPartitionError,
@@ -102,6 +103,9 @@ _METADATA_RETRY_MAX_S = 30.0
 #: Partitions whose failure to apply is logged one by one in a round; the rest are
 #: summed up in one more line.
 _FAILURES_LOGGED = 3
+#: A partition's disk errors (a full disk, say) are logged at most this often; a
+#: producer retrying against a full disk would otherwise log one per attempt.
+_STORAGE_ERROR_LOG_S = 30.0
 
 
 #: An acks=all wait: (index in the results, partition, last offset, leader epoch).
@@ -296,6 +300,8 @@ class ReplicaManager:
         self._parked_seq = itertools.count()
         #: Entries of _parked already answered (removed lazily, or purged in bulk).
         self._parked_finished = 0
+        #: Per partition with disk errors: (when the next may be logged, not logged since).
+        self._storage_errors: dict[TopicPartition, tuple[float, int]] = {}
         self._parked_timer = math.inf
         self._parked_wake = trio.Event()
         # Test hook (see fetch_delay_s): a slow or stalled follower.
@@ -387,6 +393,19 @@ class ReplicaManager:
                 failed = MetadataDelta()  # the node is stopping: nothing to retry for
             else:
                 retry_s = min(max(2 * retry_s, _METADATA_RETRY_S), _METADATA_RETRY_MAX_S)
+
+    def _storage_failed(self, what: str, topic: str, partition: int, exc: StorageError) -> None:
+        """Log a disk error of a partition: the first at once, then at most one per
+        :data:`_STORAGE_ERROR_LOG_S` saying how many there were in between."""
+        now = trio.current_time()
+        key = (topic, partition)
+        next_at, unlogged = self._storage_errors.get(key, (-math.inf, 0))
+        if now < next_at:
+            self._storage_errors[key] = (next_at, unlogged + 1)
+            return
+        self._storage_errors[key] = (now + _STORAGE_ERROR_LOG_S, 0)
+        since = f" ({unlogged} more since the last report)" if unlogged else ""
+        log.error("%s %s-%d failed: %s%s", what, topic, partition, exc, since)
 
     def _apply_failed(self, what: str, exc: DlogError) -> None:
         if not self.logs.running:
@@ -627,6 +646,8 @@ class ReplicaManager:
                     )
                 info = p.append_as_leader(bytearray(chunk))
             except DlogError as exc:
+                if isinstance(exc, StorageError):
+                    self._storage_failed("appending to", part.topic, part.partition, exc)
                 results.append(_produce_error(part.topic, part.partition, exc))
                 continue
             results.append(
@@ -1032,6 +1053,9 @@ class ReplicaManager:
                 except (NetworkError, RequestTimedOutError) as exc:
                     log.debug("fetch %s-%d from %d: %s", p.topic, p.partition, leader, exc)
                     await trio.sleep(backoff)
+                except StorageError:
+                    # Ours is reported by _fetch_once (rate-limited), the leader's by it.
+                    await trio.sleep(backoff)
                 except DlogError as exc:
                     log.info("fetch %s-%d from %d: %s", p.topic, p.partition, leader, exc)
                     await trio.sleep(backoff)
@@ -1133,6 +1157,9 @@ class ReplicaManager:
         except UnexpectedAppendOffsetError as exc:
             log.warning("%s-%d: %s; re-truncating", p.topic, p.partition, exc)
             return False
+        except StorageError as exc:
+            self._storage_failed("replicating", p.topic, p.partition, exc)
+            raise
         if batches and plog.flush_before_ack:
             await plog.flush()
         return True

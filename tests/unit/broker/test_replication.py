@@ -817,3 +817,35 @@ async def test_many_partitions_failing_to_apply_log_a_few_lines_and_recover(
         await wait_until(
             lambda: all(("wide", p) in node.rm.partitions for p in range(40)), timeout=10
         )
+
+
+async def test_a_full_disk_answers_storage_errors_and_is_logged_once_per_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A leader whose disk refuses writes (full) answers each produce with
+    KAFKA_STORAGE_ERROR, which producers retry, and says so in its log: once, not once
+    per retry; writes go on once the disk has room again."""
+    from dlog.errors import StorageError
+
+    async with dataplane_cluster(tmp_path) as cluster:
+        await cluster.create_topic("t")
+        p = cluster.leader_of("t").rm.partitions["t", 0]
+        real_append = p.log.append
+        full = [True]
+
+        def append(records: Any, leader_epoch: int) -> Any:
+            if full[0]:
+                raise StorageError("write failed: [Errno 28] No space left on device")
+            return real_append(records, leader_epoch)
+
+        p.log.append = append  # type: ignore[method-assign]
+        caplog.set_level(logging.ERROR, logger="dlog.broker.replica_manager")
+        for i in range(5):
+            resp = await produce(cluster, "t", b"v%d" % i)
+            assert resp.partitions[0].error_code == ErrorCode.KAFKA_STORAGE_ERROR
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1, lines
+        assert "appending to t-0 failed" in lines[0] and "No space left" in lines[0]
+        full[0] = False
+        resp = await produce(cluster, "t", b"after")
+        assert resp.partitions[0].error_code == 0
