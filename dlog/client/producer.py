@@ -246,6 +246,7 @@ class _PartitionQueue:
         "failed_leader",
         "failures",
         "in_flight",
+        "last_error",
         "open",
         "partition",
         "ready",
@@ -261,6 +262,8 @@ class _PartitionQueue:
         self.in_flight: list[_Batch] = []
         self.retrying = False
         self.failures = 0
+        #: Why the batches are being retried (told when they expire meanwhile).
+        self.last_error: DlogError | None = None
         self.backoff_until = -math.inf
         #: The broker whose answer (or dead connection) said it may not lead any more,
         #: while this partition backs off; None otherwise.
@@ -1026,6 +1029,7 @@ class Producer:
         q.in_flight = []
         q.retrying = False
         q.failures = 0
+        q.last_error = None
         q.failed_leader = None
         offset = base_offset
         for batch in batches:
@@ -1070,6 +1074,7 @@ class Producer:
         q.ready.extendleft(reversed(retry))
         q.retrying = True
         q.failures += 1
+        q.last_error = exc
         q.backoff_until = now if moved else now + self._backoff.delay(q.failures)
         if q.ready or q.open is not None:
             self._active[q.topic, q.partition] = q
@@ -1081,11 +1086,11 @@ class Producer:
         while q.ready and q.ready[0].deadline <= now:
             batch = q.ready.popleft()
             self._release(batch.reserved)
-            batch.resolve(-1, _delivery_timeout(batch, self.config, None))
+            batch.resolve(-1, _delivery_timeout(batch, self.config, q.last_error))
         if not q.ready and q.open is not None and q.open.deadline <= now:
             batch, q.open = q.open, None
             self._release(batch.reserved)
-            batch.resolve(-1, _delivery_timeout(batch, self.config, None))
+            batch.resolve(-1, _delivery_timeout(batch, self.config, q.last_error))
             ts = self._topics.get(q.topic)
             if ts is not None and ts.sticky == q.partition:
                 ts.sticky = -1

@@ -199,6 +199,25 @@ async def test_acks_all_timeouts_are_retried_until_the_delivery_timeout(
         assert len(produce_requests(cluster)) >= 3
 
 
+async def test_a_batch_expiring_while_it_backs_off_says_what_kept_failing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The delivery timeout of a batch that expired between retries (a leader with a
+    full disk, say) names the error that kept it from being written."""
+    async with (
+        open_fake_cluster() as cluster,
+        cluster.connect(retry_backoff_ms=1_500, retry_backoff_max_ms=1_500) as client,
+    ):
+        cluster.create_topic("t")
+        await client.wait_for_topic("t")
+        cluster.inject("produce", ErrorCode.KAFKA_STORAGE_ERROR, topic="t", times=1000)
+        async with client.producer(linger_ms=0, delivery_timeout_ms=2_000) as producer:
+            with pytest.raises(RequestTimedOutError) as caught:
+                await producer.send("t", b"x")
+        assert "delivery_timeout_ms" in str(caught.value)
+        assert "last error: KAFKA_STORAGE_ERROR" in str(caught.value)
+
+
 async def test_retriable_errors_are_retried_in_order(autojump_clock: trio.abc.Clock) -> None:
     async with open_fake_cluster() as cluster, cluster.connect() as client:
         cluster.create_topic("t")
