@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -42,6 +43,8 @@ DELETE_SUFFIX: Final = "-delete"
 MAX_FILE_NAME_BYTES: Final = 255
 #: Not ".lock": a broker locking its own data directory must not collide with this.
 LOCK_FILE: Final = ".log-manager.lock"
+#: Checkpoint write failures are logged at most this often.
+_CHECKPOINT_ERROR_LOG_S: Final = 30.0
 
 TopicPartition = tuple[str, int]
 
@@ -138,6 +141,9 @@ class LogManager:
         self._lock_fd = -1
         self._running = False
         self._lock = trio.Lock()  # serialises create/delete of partition directories
+        # Checkpoint write failures not yet reported, and when the next report may go.
+        self._checkpoint_failures = 0
+        self._next_checkpoint_report = -math.inf
 
     # -- queries -------------------------------------------------------------------------
 
@@ -361,10 +367,40 @@ class LogManager:
             if not log.closed:
                 await log.checkpoint()
 
+    async def _checkpoint_round(self) -> None:
+        """The flusher's periodic checkpoint of every log. A checkpoint that cannot be
+        written (a full disk) leaves the previous one in place, which is safe -- a
+        restart recovers from an older checkpoint as after a crash, only scanning more
+        -- so it is logged (a line per :data:`_CHECKPOINT_ERROR_LOG_S` at most) and
+        tried again next round, and the other logs still get theirs."""
+        failed = 0
+        first: StorageError | None = None
+        for log in list(self._logs.values()):
+            if log.closed:
+                continue
+            try:
+                await log.checkpoint()
+            except StorageError as exc:
+                failed += 1
+                first = first or exc
+        if first is None:
+            return
+        now = trio.current_time()
+        self._checkpoint_failures += failed
+        if now >= self._next_checkpoint_report:
+            logger.error(
+                "writing checkpoints failed %d times (the previous ones are kept; will retry): %s",
+                self._checkpoint_failures,
+                first,
+            )
+            self._checkpoint_failures = 0
+            self._next_checkpoint_report = now + _CHECKPOINT_ERROR_LOG_S
+
     async def _flush_loop(self) -> None:
         """Apply each log's flush policy every ``flush_check_interval_ms``; checkpoint
-        every ``checkpoint_interval_ms``. A disk error ends the manager (and the node):
-        a log that cannot be fsynced cannot promise durability."""
+        every ``checkpoint_interval_ms``. An fsync error ends the manager (and the
+        node): a log that cannot be fsynced cannot promise durability. A checkpoint
+        error does not (see :meth:`_checkpoint_round`)."""
         start = trio.current_time()
         ticks_per_checkpoint = max(1, round(self._checkpoint_interval / self._flush_check_interval))
         tick = 0
@@ -376,7 +412,7 @@ class LogManager:
                 if not log.closed:
                     await log.maybe_flush()
             if tick % ticks_per_checkpoint == 0:
-                await self.checkpoint_all()
+                await self._checkpoint_round()
 
     async def _retention_loop(self) -> None:
         """Apply retention to every log every ``retention_check_interval_ms``."""

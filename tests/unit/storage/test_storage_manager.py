@@ -169,6 +169,49 @@ async def test_flush_task_follows_flush_ms(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_checkpoint_that_cannot_be_written_is_retried_not_fatal(
+    tmp_path: Path,
+    clock: ManualClock,
+    make_batch: MakeBatch,
+    autojump_clock: trio.testing.MockClock,
+    inline_threads: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full disk makes checkpoint writes fail: the previous checkpoints stay (safe to
+    recover from), the manager keeps running and flushing, the failures are logged a
+    line per 30 s at most, the other logs still get theirs, and the checkpoint is
+    written once the disk has room."""
+    import dlog.storage.log as log_module
+
+    real_write = log_module._write_checkpoints
+    full = {"a-0"}
+
+    def write(directory: Path, *args: object) -> None:
+        if directory.name in full:
+            raise StorageError(f"writing checkpoints in {directory} failed: [Errno 28] No space")
+        real_write(directory, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(log_module, "_write_checkpoints", write)
+    logs = manager(tmp_path, clock, flush_check_interval_ms=100, checkpoint_interval_ms=1000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(logs.run)
+        a = await logs.get_or_create("a", 0, "id-a", LogConfig(flush_ms=100))
+        b = await logs.get_or_create("b", 0, "id-b", LogConfig(flush_ms=100))
+        for log in (a, b):
+            log.append(make_batch(2), leader_epoch=0)
+        await trio.sleep(10.5)  # ten checkpoint rounds
+        assert logs.running and a.recovery_point == 2  # still flushing
+        assert not (a.directory / OFFSETS_CHECKPOINT).exists()
+        assert "recovery_point 2" in (b.directory / OFFSETS_CHECKPOINT).read_text()
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "No space" in errors[0], errors
+        full.clear()
+        await trio.sleep(1)
+        assert "recovery_point 2" in (a.directory / OFFSETS_CHECKPOINT).read_text()
+        nursery.cancel_scope.cancel()
+
+
 async def test_retention_task(
     tmp_path: Path,
     clock: ManualClock,
