@@ -45,6 +45,7 @@ from dlog.client.routing import Router
 from dlog.clock import SystemClock, WallClock
 from dlog.errors import (
     ERRORS,
+    BrokerIdNotRegisteredError,
     DlogError,
     ErrorCode,
     InvalidConfigError,
@@ -465,7 +466,11 @@ class Client:
 
     async def remove_node(self, node_id: int) -> None:
         """Remove a node from the Raft voters and the cluster for good."""
-        await self._router.call_any(RemoveNodeRequest(node_id=node_id), RemoveNodeResponse)
+        await self._router.call_any(
+            RemoveNodeRequest(node_id=node_id),
+            RemoveNodeResponse,
+            final=(BrokerIdNotRegisteredError,),
+        )
         self._metadata.request_refresh()
 
     # --- internals ------------------------------------------------------------------------
@@ -487,7 +492,12 @@ class Client:
         )
         while True:
             remaining = max(0.001, deadline - trio.current_time())
-            response = await self._router.call_any(request, response_type, timeout_s=remaining)
+            response = await self._router.call_any(
+                request,
+                response_type,
+                timeout_s=remaining,
+                final=(UnknownTopicOrPartitionError,),
+            )
             result = pick(response)
             if result is None:
                 raise error_from_wire(

@@ -109,8 +109,11 @@ class Router:
         response_type: type[_R],
         *,
         timeout_s: float | None = None,
+        final: tuple[type[DlogError], ...] = (),
     ) -> _R:
-        """Send ``request`` to any broker; retry retriable errors until the deadline."""
+        """Send ``request`` to any broker; retry retriable errors until the deadline,
+        except those of ``final``: for a request the controller answers from committed
+        metadata, its "no such topic" or "no such node" will not change by retrying."""
         deadline, budget = self._deadline(timeout_s)
         backoff = self._new_backoff()
         what = f"{type(request).__name__}"
@@ -124,7 +127,7 @@ class Router:
                         address, request, response_type, self._call_timeout(deadline)
                     )
                 except DlogError as exc:
-                    if not exc.retriable:
+                    if not exc.retriable or isinstance(exc, final):
                         raise
                     last = exc
                     if isinstance(exc, _UNREACHABLE):

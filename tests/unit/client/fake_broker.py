@@ -811,12 +811,9 @@ class FakeBroker:
         c = self.cluster
         topic = c.topics.get(req.name)
         if topic is None:
-            return AlterTopicResponse(
-                topic=TopicResult(
-                    name=req.name,
-                    error_code=ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
-                    error_message=f"topic {req.name!r} does not exist",
-                )
+            # As the real controller answers it: the whole request fails.
+            raise error_from_wire(
+                ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"topic {req.name!r} does not exist"
             )
         if req.partitions is not None and req.partitions < len(topic.partitions):
             return AlterTopicResponse(

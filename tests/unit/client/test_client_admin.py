@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from dlog.errors import (
+    BrokerIdNotRegisteredError,
     ErrorCode,
     InvalidPartitionsError,
     InvalidReplicationFactorError,
@@ -79,6 +80,24 @@ async def test_admin_errors_have_one_clear_message(autojump_clock: trio.abc.Cloc
             await client.create_topic("bad name!")
         with pytest.raises(InvalidPartitionsError):
             await client.alter_topic("t", partitions=0)
+
+
+async def test_no_such_topic_or_node_from_the_controller_is_final(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """UNKNOWN_TOPIC_OR_PARTITION and BROKER_ID_NOT_REGISTERED are retriable in
+    general (metadata still propagating), but the controller answers admin requests from
+    committed metadata: retrying its "does not exist" for the whole API timeout only
+    made a typo take 20 s to report."""
+    async with open_fake_cluster(2) as cluster, cluster.connect() as client:
+        start = trio.current_time()
+        with pytest.raises(UnknownTopicOrPartitionError, match="'nosuch' does not exist"):
+            await client.alter_topic("nosuch", partitions=5)
+        with pytest.raises(BrokerIdNotRegisteredError):
+            await client.remove_node(77)
+        assert trio.current_time() - start < 1
+        assert len(cluster.requests_of("alter_topic")) == 1
+        assert len(cluster.requests_of("remove_node")) == 1
 
 
 async def test_retriable_admin_errors_are_retried(autojump_clock: trio.abc.Clock) -> None:
