@@ -57,7 +57,10 @@ def test_compose_services_match_the_cli() -> None:
         assert any(v.endswith(f":{data_dir}") for v in service["volumes"])
         health = service["healthcheck"]["test"]
         assert health[1:4] == ["dlogctl", "node", "ping"]
-        assert health[-1].endswith(f":{rpc_port}")
+        assert health[health.index("--address") + 1].endswith(f":{rpc_port}")
+        # The ping gives up (exit 1, a clean "unhealthy") before Docker kills it.
+        ping_timeout = float(health[health.index("--timeout") + 1])
+        assert ping_timeout < float(service["healthcheck"]["timeout"].rstrip("s"))
     assert set(spec["volumes"]) == {f"{n}-data" for n in services}
 
 
