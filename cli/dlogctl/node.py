@@ -95,11 +95,39 @@ def node_run(
     if reason is not None:
         fail(f"{reason} ({config.data_dir})")
     setup_logging(config.node_id, config.log_level)
-    if run(_serve, config):
+    try:
+        removed = run(_serve, config)
+    except (OSError, ExceptionGroup) as exc:
+        # A port taken, an address not on this machine, a directory that cannot be
+        # made, a full disk: one line says it (the traceback is logged at debug).
+        os_error = _first_os_error(exc)
+        if os_error is None:
+            raise
+        logging.getLogger("dlog.broker.node").debug("stopped by", exc_info=exc)
+        fail(f"node {config.node_id} stopped: {_describe(os_error)}")
+    if removed:
         fail(
             f"node {config.node_id} was removed from the cluster (dlogctl node remove);"
             f" wipe {config.data_dir} to bring this machine back as a new node"
         )
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_os_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe(exc: OSError) -> str:
+    text = str(exc)
+    if exc.filename is not None and str(exc.filename) not in text:
+        text += f": {exc.filename}"
+    return text
 
 
 async def _serve(config: BrokerConfig) -> bool:
@@ -150,7 +178,9 @@ def node_remove(
 @app.command("ping")
 def node_ping(
     address: str = typer.Option(..., "--address", "-a", help="The node's rpc HOST:PORT."),
-    timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for an answer."),
+    timeout: float = typer.Option(
+        3.0, "--timeout", min=0.001, help="Seconds to wait for an answer."
+    ),
 ) -> None:
     """Check that a node answers on its rpc address (exit 0) or not (exit 1)."""
     from dlog.net.client import ClientConfig, open_rpc_pool

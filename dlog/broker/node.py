@@ -55,6 +55,7 @@ from dlog.errors import (
     BrokerIdNotRegisteredError,
     BrokerNotAvailableError,
     DlogError,
+    InvalidConfigError,
     NetworkError,
     NotControllerError,
     RequestTimedOutError,
@@ -335,7 +336,7 @@ class Broker:
         while the others kept running must rejoin them, not split off a second cluster.
         """
         if not self.config.bootstrap_cluster and not self.config.join:
-            raise DlogError(
+            raise InvalidConfigError(
                 "this data directory is new: pass --bootstrap-cluster to start a cluster "
                 "or --join HOST:PORT to join one"
             )

@@ -243,6 +243,11 @@ class GossipNode:
         try:
             tsock = trio.socket.from_stdlib_socket(raw)
             await tsock.bind(sockaddr)
+        except OSError as exc:
+            raw.close()
+            raise OSError(
+                exc.errno, f"gossip cannot bind UDP {self._host}:{self._port}: {exc.strerror}"
+            ) from exc
         except BaseException:
             raw.close()
             raise

@@ -237,7 +237,13 @@ class RpcServer:
 
         ``task_status.started(bound_port)`` once listening.
         """
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            # (trio's own message may not name the address: say which one it was.)
+            raise OSError(
+                exc.errno, f"{self.name} cannot listen on {host}:{port}: {exc.strerror}"
+            ) from exc
         bound_port: int = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             self._cancel_scope = nursery.cancel_scope
