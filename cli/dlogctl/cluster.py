@@ -12,10 +12,12 @@ from rich.table import Table
 
 from dlogctl.common import DataDirOption, console, err_console, fail, print_json
 from dlogctl.local import (
+    ClusterFileError,
     ClusterSpec,
     NodeSpec,
     describe_now,
     node_pid,
+    ports_in_use,
     ready_state,
     start_node,
     stop_node,
@@ -36,7 +38,9 @@ def cluster_up(
         help="Node i gets rpc P+i, gossip P+100+i, raft P+200+i.",
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the nodes bind to."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for a ready cluster."),
+    timeout: float = typer.Option(
+        60.0, "--timeout", min=1, help="Seconds to wait for a ready cluster."
+    ),
     log_level: str = typer.Option("info", "--log-level", help="Node log level."),
 ) -> None:
     """Start the local cluster (only the nodes that are not running) and wait until ready."""
@@ -53,24 +57,42 @@ def bring_up(
 ) -> ClusterSpec:
     """`cluster up`: start what is not running, wait (with a spinner) until ready."""
     data_dir = data_dir.resolve()
-    spec = ClusterSpec.load(data_dir)
-    if spec is None:
-        spec = ClusterSpec.create(data_dir, nodes, base_port, host)
-        spec.save()
-    elif nodes > len(spec.nodes):
-        grown = ClusterSpec.create(data_dir, nodes, spec.base_port, spec.host)
-        spec = ClusterSpec(
-            spec.data_dir, spec.base_port, spec.host, spec.nodes + grown.nodes[len(spec.nodes) :]
-        )
-        spec.save()
+    spec = load_spec(data_dir)
+    try:
+        if spec is None:
+            spec = ClusterSpec.create(data_dir, nodes, base_port, host)
+            spec.save()
+        elif nodes > len(spec.nodes):
+            grown = ClusterSpec.create(data_dir, nodes, spec.base_port, spec.host)
+            spec = ClusterSpec(
+                spec.data_dir,
+                spec.base_port,
+                spec.host,
+                spec.nodes + grown.nodes[len(spec.nodes) :],
+            )
+            spec.save()
+    except OSError as exc:
+        fail(f"cannot keep a cluster in {data_dir}: {exc.strerror or exc}")
     started = []
     live = spec.live_nodes
     if not live:
         fail(f"every node of the cluster in {data_dir} was removed from it")
-    for node in live:
-        if node_pid(node) is None:
+    to_start = [node for node in live if node_pid(node) is None]
+    for node in to_start:
+        # Another cluster (or program) on these ports would answer for this one.
+        taken = ports_in_use(spec, node)
+        if taken:
+            fail(
+                f"node {node.id}'s {', '.join(taken)} in use by another process (another"
+                " cluster?): stop it, or give this cluster other ports (--base-port, with a"
+                " new --data-dir)"
+            )
+    for node in to_start:
+        try:
             start_node(spec, node, log_level=log_level)
-            started.append(node.id)
+        except OSError as exc:
+            fail(f"cannot start node {node.id} in {node.data_dir}: {exc.strerror or exc}")
+        started.append(node.id)
     if started:
         console.print(f"started node(s) {', '.join(map(str, started))}")
     else:
@@ -107,10 +129,22 @@ def bring_up(
                 )
             time.sleep(0.2)
     assert reply is not None
+    for node in live:
+        if node.id in started and node_pid(node) is None:
+            fail(f"node {node.id} exited; see {node.log_file}")
     console.print(f"cluster ready: {len(ids)} node(s), controller is node {reply.controller}")
     console.print(f"bootstrap: [bold]{live[0].rpc}[/]")
     console.print(f"data and logs: {data_dir}")
     return spec
+
+
+def load_spec(data_dir: Path) -> ClusterSpec | None:
+    """The local cluster in ``data_dir`` (None: there is none); a broken cluster file
+    is one clear error."""
+    try:
+        return ClusterSpec.load(data_dir)
+    except ClusterFileError as exc:
+        fail(str(exc))
 
 
 def _status(spec: ClusterSpec) -> dict[str, Any]:
@@ -152,7 +186,7 @@ def cluster_status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show the local cluster's nodes, processes and controller."""
-    spec = ClusterSpec.load(data_dir.resolve())
+    spec = load_spec(data_dir.resolve())
     if spec is None:
         fail(f"no cluster in {data_dir} (start one with `dlogctl cluster up`)")
     status = _status(spec)
@@ -185,7 +219,7 @@ def cluster_down(
     timeout: float = typer.Option(15.0, "--timeout", help="Seconds per node before SIGKILL."),
 ) -> None:
     """Stop every node, one at a time, the controller last."""
-    spec = ClusterSpec.load(data_dir.resolve())
+    spec = load_spec(data_dir.resolve())
     if spec is None:
         fail(f"no cluster in {data_dir}")
     status = _status(spec)

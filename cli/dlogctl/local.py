@@ -13,6 +13,7 @@ Node ``i`` (0-based) gets node id ``i + 1`` and ports ``P+i`` (rpc), ``P+100+i``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -29,6 +30,10 @@ from dlogctl.common import CLUSTER_FILE
 
 if TYPE_CHECKING:
     from dlog.net.protocol import DescribeClusterResponse
+
+
+class ClusterFileError(ValueError):
+    """A cluster file that cannot be read, or is not one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,16 +92,26 @@ class ClusterSpec:
 
     @classmethod
     def load(cls, data_dir: Path) -> ClusterSpec | None:
+        """The cluster of ``data_dir``; None if there is none. Raises
+        :class:`ClusterFileError` for a cluster file that cannot be read or is not one."""
         path = data_dir / CLUSTER_FILE
         if not path.exists():
             return None
-        raw = json.loads(path.read_text())
-        return cls(
-            raw["data_dir"],
-            raw["base_port"],
-            raw["host"],
-            tuple(NodeSpec(**n) for n in raw["nodes"]),
-        )
+        try:
+            raw = json.loads(path.read_text())
+            spec = cls(
+                str(raw["data_dir"]),
+                int(raw["base_port"]),
+                str(raw["host"]),
+                tuple(NodeSpec(**n) for n in raw["nodes"]),
+            )
+        except OSError as exc:
+            raise ClusterFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (ValueError, KeyError, TypeError):
+            raise ClusterFileError(f"{path} is not a dlog cluster file") from None
+        if not spec.nodes:
+            raise ClusterFileError(f"{path} is not a dlog cluster file (it has no nodes)")
+        return spec
 
     def save(self) -> None:
         path = Path(self.data_dir)
@@ -140,12 +155,58 @@ def pid_alive(pid: int) -> bool:
 
 
 def node_pid(node: NodeSpec) -> int | None:
-    """The pid of the node's process if it is running, else None."""
+    """The pid of the node's process if it is running, else None.
+
+    A pid file outlives its process (a crash, a reboot), and its pid may then belong
+    to another program: the pid counts only while that process runs ``dlogctl node
+    run`` with this node's data directory (where ``/proc`` can tell)."""
     try:
         pid = int(node.pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if pid_alive(pid) else None
+    return pid if pid_alive(pid) and _runs_node(pid, node) else None
+
+
+def _runs_node(pid: int, node: NodeSpec) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no /proc here: trust the pid file
+    except OSError:
+        return True
+    return b"dlogctl" in b" ".join(args) and b"run" in args and os.fsencode(node.data_dir) in args
+
+
+def ports_in_use(spec: ClusterSpec, node: NodeSpec) -> list[str]:
+    """Which of ``node``'s ports something else holds now, as "rpc port 9400", ...
+    (checked by binding them as the node would: TCP for rpc and raft, both for gossip)."""
+    taken = []
+    for role, address, kinds in (
+        ("rpc", node.rpc, (socket.SOCK_STREAM,)),
+        ("gossip", node.gossip, (socket.SOCK_DGRAM, socket.SOCK_STREAM)),
+        ("raft", node.raft, (socket.SOCK_STREAM,)),
+    ):
+        host, _, port = address.rpartition(":")
+        if not all(_can_bind(host, int(port), kind) for kind in kinds):
+            taken.append(f"{role} port {port}")
+    return taken
+
+
+def _can_bind(host: str, port: int, kind: int) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, port, type=kind)
+    except OSError:
+        return True  # not this check's business: the node says what is wrong
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as trio's listeners
+        try:
+            s.bind(sockaddr)
+        except OSError as exc:
+            return exc.errno not in (errno.EADDRINUSE, errno.EACCES)
+    return True
 
 
 def start_node(
