@@ -52,7 +52,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def resolve_bootstrap(bootstrap: str | None, data_dir: Path = DEFAULT_DATA_DIR) -> list[str]:
     """--bootstrap, else $DLOG_BOOTSTRAP, else every node of the local cluster."""
-    text = bootstrap or os.environ.get("DLOG_BOOTSTRAP")
+    if bootstrap is not None:
+        addresses = [a.strip() for a in bootstrap.split(",") if a.strip()]
+        if not addresses:
+            fail(f"--bootstrap {bootstrap!r} names no address (HOST:PORT, comma-separated)")
+        return addresses
+    text = os.environ.get("DLOG_BOOTSTRAP")
     if text:
         addresses = [a.strip() for a in text.split(",") if a.strip()]
         if addresses:

@@ -21,12 +21,20 @@ def produce(
     topic: str = typer.Argument(..., help="Topic to write to."),
     acks: str = typer.Option("all", "--acks", help="none | leader | all (or 0, 1, -1)."),
     partition: int | None = typer.Option(
-        None, "--partition", "-p", help="Write every record to this partition."
+        None, "--partition", "-p", min=0, help="Write every record to this partition."
     ),
     key_separator: str | None = typer.Option(
         None, "--key-separator", help="Split each line into KEY<SEP>VALUE at the first SEP."
     ),
-    linger_ms: int = typer.Option(5, "--linger-ms", help="Batch records for up to this long."),
+    linger_ms: int = typer.Option(
+        5, "--linger-ms", min=0, help="Batch records for up to this long."
+    ),
+    timeout_ms: int = typer.Option(
+        30_000,
+        "--timeout-ms",
+        min=1,
+        help="Give up on a record not acknowledged this long after it was read (retries included).",
+    ),
     bootstrap: str | None = BootstrapOption,
     data_dir: Path = DataDirOption,
 ) -> None:
@@ -42,7 +50,14 @@ def produce(
         fail("--key-separator must not be empty")
     addresses = resolve_bootstrap(bootstrap, data_dir)
     sent, failed = run(
-        pipes.produce_lines, addresses, topic, acks_value, partition, key_separator, linger_ms
+        pipes.produce_lines,
+        addresses,
+        topic,
+        acks_value,
+        partition,
+        key_separator,
+        linger_ms,
+        timeout_ms,
     )
     err_console.print(
         f"produced {sent - failed} record(s) to {topic}"
@@ -60,7 +75,9 @@ def consume(
     group: str | None = typer.Option(
         None, "--group", "-g", help="Resume from and commit to this group's offsets."
     ),
-    partition: int | None = typer.Option(None, "--partition", "-p", help="Only this partition."),
+    partition: int | None = typer.Option(
+        None, "--partition", "-p", min=0, help="Only this partition."
+    ),
     offset: int | None = typer.Option(
         None, "--offset", "-o", help="Start at this offset (needs --partition)."
     ),

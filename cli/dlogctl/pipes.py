@@ -38,6 +38,7 @@ async def produce_lines(
     partition: int | None,
     separator: str | None,
     linger_ms: int,
+    timeout_ms: int = 30_000,
 ) -> tuple[int, int]:
     """Produce one record per stdin line (KEY<separator>VALUE when a separator is given);
     returns (records sent, records that failed)."""
@@ -46,7 +47,12 @@ async def produce_lines(
     sent = failed = 0
     async with open_client(addresses) as client:
         await require_topic(client, topic)
-        async with client.producer(acks=acks, linger_ms=linger_ms) as producer:
+        async with client.producer(
+            acks=acks,
+            linger_ms=linger_ms,
+            delivery_timeout_ms=timeout_ms,
+            request_timeout_ms=min(30_000, timeout_ms),
+        ) as producer:
             handles: list[DeliveryHandle] = []
             while True:
                 lines = await trio.to_thread.run_sync(stdin.readlines, 1 << 20)
@@ -115,6 +121,8 @@ async def print_records(
         # long-poll (max_wait_ms) before the seek below could take effect. From the
         # beginning it returns at once when there is data, so the seek goes next.
         from_beginning = True
+        # An offset the log does not have is an error, not a silent restart elsewhere.
+        options["auto_offset_reset"] = "error"
     with _progress(max_records) as progress:
         async with open_client(addresses) as client:
             await require_topic(client, topic)

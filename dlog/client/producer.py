@@ -871,6 +871,10 @@ class Producer:
             leader = view.leader(q.topic, q.partition)
             if leader is None:
                 want_metadata = True
+                if not isinstance(q.last_error, LeaderNotAvailableError):
+                    q.last_error = LeaderNotAvailableError(
+                        f"{q.topic}-{q.partition} has no leader (its replicas are down?)"
+                    )
                 continue
             node, address = leader
             by_node.setdefault(node, []).append(q)

@@ -99,6 +99,9 @@ def test_wrong_arguments_exit_2_with_a_usage_line() -> None:
         ["consume", "t", "--max-records", "0"],  # out of range
         ["cluster", "up", "--nodes", "three"],  # not a number
         ["topic", "create", "t", "--partitions"],  # an option without its value
+        ["node", "ping", "--address", "127.0.0.1:1", "--timeout", "0"],  # out of range
+        ["consume", "t", "--partition", "-1"],
+        ["cluster", "up", "--timeout", "-1"],
     ]
     for args, result in zip(cases, dlogctl_many([Cmd(args) for args in cases]), strict=True):
         assert result.returncode == 2, result.describe()
@@ -134,6 +137,14 @@ def test_bad_values_give_one_clear_line_and_change_nothing(cluster: ClusterSpec)
         (Cmd(["consume", "existing", "--offset", "3", *b]), "--offset needs --partition"),
         (Cmd(["consume", "nosuch", "--timeout-ms", "100", *b]), "does not exist"),
         (Cmd(["top", "--once", "--topic", "nosuch", *b]), "does not exist"),
+        # Past the end: an error, not a silent restart from the beginning.
+        (
+            Cmd(["consume", "existing", "-p", "0", "--offset", "100", "--timeout-ms", "20000", *b]),
+            "OFFSET_OUT_OF_RANGE",
+        ),
+        (Cmd(["topic", "alter", "nosuch", "--partitions", "5", *b]), "does not exist"),
+        (Cmd(["node", "remove", "77", *b]), "node 77 is not in the cluster"),
+        (Cmd(["topic", "list", "--bootstrap", ","]), "names no address"),
     ]
     results = dlogctl_many([cmd for cmd, _ in cases])
     for (_, expected), result in zip(cases, results, strict=True):

@@ -338,10 +338,12 @@ async def test_partition_without_leader_fails_at_the_delivery_timeout(
         cluster.move_leader("t", 0, None)
         async with client.producer(delivery_timeout_ms=3000, linger_ms=0) as producer:
             start = trio.current_time()
-            # The first attempt learns there is no leader; the record waits, then expires.
-            with pytest.raises(RequestTimedOutError, match="delivery_timeout_ms"):
+            # The first attempt learns there is no leader; the record waits, then expires,
+            # saying why it waited.
+            with pytest.raises(RequestTimedOutError, match="delivery_timeout_ms") as caught:
                 await producer.send("t", b"x")
             assert trio.current_time() - start == pytest.approx(3.0, abs=0.01)
+            assert "last error: LEADER_NOT_AVAILABLE: t-0 has no leader" in str(caught.value)
             # The leader comes back: sending works again.
             cluster.move_leader("t", 0, 1)
             assert (await producer.send("t", b"y")).offset == 0
