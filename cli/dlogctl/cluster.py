@@ -28,14 +28,24 @@ app = typer.Typer(help="Start, inspect and stop a local cluster.", no_args_is_he
 
 @app.command("up")
 def cluster_up(
-    nodes: int = typer.Option(3, "--nodes", "-n", min=1, max=50, help="Number of nodes."),
+    nodes: int | None = typer.Option(
+        None,
+        "--nodes",
+        "-n",
+        min=1,
+        max=50,
+        help="Number of nodes [default: 3; an existing cluster grows to it].",
+        show_default=False,
+    ),
     data_dir: Path = DataDirOption,
-    base_port: int = typer.Option(
-        9400,
+    base_port: int | None = typer.Option(
+        None,
         "--base-port",
         min=1,
         max=65000,
-        help="Node i gets rpc P+i, gossip P+100+i, raft P+200+i.",
+        help="Node i gets rpc P+i, gossip P+100+i, raft P+200+i [default: 9400; a new"
+        " cluster only].",
+        show_default=False,
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the nodes bind to."),
     timeout: float = typer.Option(
@@ -44,7 +54,20 @@ def cluster_up(
     log_level: str = typer.Option("info", "--log-level", help="Node log level."),
 ) -> None:
     """Start the local cluster (only the nodes that are not running) and wait until ready."""
-    bring_up(data_dir, nodes, base_port, host, timeout, log_level)
+    existing = load_spec(data_dir.resolve())
+    if existing is not None:
+        # An existing cluster keeps its ports and nodes: say so rather than ignore it.
+        if base_port is not None and base_port != existing.base_port:
+            err_console.print(
+                f"note: the cluster in {data_dir} uses base port {existing.base_port};"
+                f" --base-port {base_port} applies to a new cluster only"
+            )
+        if nodes is not None and nodes < len(existing.nodes):
+            err_console.print(
+                f"note: the cluster in {data_dir} has {len(existing.nodes)} nodes; it does"
+                " not shrink (remove nodes with `dlogctl node remove N`)"
+            )
+    bring_up(data_dir, nodes or 3, base_port or 9400, host, timeout, log_level)
 
 
 def bring_up(
@@ -163,6 +186,7 @@ def _status(spec: ClusterSpec) -> dict[str, Any]:
                 "gossip": n.gossip,
                 "raft": n.raft,
                 "alive": pid is not None,
+                "removed": n.removed is not None,
                 "data_dir": n.data_dir,
                 "log_file": str(n.log_file),
                 "registered": broker is not None,
@@ -193,19 +217,32 @@ def cluster_status(
     if as_json:
         print_json(status)
         return
-    table = Table(title=f"dlog cluster {status['cluster_id'] or '(unreachable)'}")
+    # Local nodes share one host: name it once and show ports, so that the table fits
+    # an 80-column terminal.
+    hosts = {
+        n[key].rpartition(":")[0] for n in status["nodes"] for key in ("rpc", "gossip", "raft")
+    }
+    shared = hosts.pop() if len(hosts) == 1 else None
+
+    def where(address: str) -> str:
+        return address.rpartition(":")[2] if shared is not None else address
+
+    title = f"dlog cluster {status['cluster_id'] or '(unreachable)'}"
+    table = Table(title=title + (f" on {shared}" if shared else ""))
     for column in ("node", "pid", "rpc", "gossip", "raft", "process", "broker", "raft role"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for n in status["nodes"]:
         broker = "-" if not n["registered"] else ("fenced" if n["fenced"] else "active")
         name = f"{n['id']}{' (controller)' if n['controller'] else ''}"
         table.add_row(
             name,
             str(n["pid"] or "-"),
-            n["rpc"],
-            n["gossip"],
-            n["raft"],
-            "[green]running[/]" if n["alive"] else "[red]stopped[/]",
+            where(n["rpc"]),
+            where(n["gossip"]),
+            where(n["raft"]),
+            "[green]running[/]"
+            if n["alive"]
+            else ("removed" if n["removed"] else "[red]stopped[/]"),
             broker,
             n["raft_role"] or "-",
         )
