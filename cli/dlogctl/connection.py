@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,21 +12,29 @@ import trio
 from dlog.client import Client, connect
 from dlog.errors import NetworkError, RequestTimedOutError, UnknownTopicOrPartitionError
 from dlog.net.client import ClientConfig, open_rpc_pool
-from dlog.net.messages import ApiVersionsRequest
+from dlog.net.messages import ApiVersionsRequest, ApiVersionsResponse
 
 
 @asynccontextmanager
 async def open_client(addresses: list[str], **options: Any) -> AsyncIterator[Client]:
     """A client with CLI-friendly timeouts, after checking some broker answers at all:
     an unreachable cluster is one clear error within seconds, not a minute of retries."""
+    # The client's own warnings (a connection dropped, a bad answer) would land between
+    # the command's output lines; the command reports what fails, in one line.
+    if not logging.getLogger().handlers:
+        logging.getLogger("dlog").setLevel(logging.ERROR)
     async with open_rpc_pool(ClientConfig(connect_timeout_s=3, request_timeout_s=5)) as pool:
         errors = []
         for address in addresses:
             try:
-                await pool.call(address, ApiVersionsRequest(), timeout=5)
-                break
+                versions = await pool.call(address, ApiVersionsRequest(), timeout=5)
             except (NetworkError, RequestTimedOutError) as exc:
                 errors.append(exc.message)
+                continue
+            if isinstance(versions, ApiVersionsResponse) and "metadata" in versions.operations:
+                break
+            # Some other dlog server (a node's gossip or raft port): say so up front.
+            errors.append(f"{address} is not a broker's rpc address (a gossip or raft port?)")
         else:
             raise NetworkError(f"no broker answers at {', '.join(addresses)} ({errors[0]})")
     options.setdefault("default_api_timeout_ms", 20_000)

@@ -145,6 +145,10 @@ def test_bad_values_give_one_clear_line_and_change_nothing(cluster: ClusterSpec)
         (Cmd(["topic", "alter", "nosuch", "--partitions", "5", *b]), "does not exist"),
         (Cmd(["node", "remove", "77", *b]), "node 77 is not in the cluster"),
         (Cmd(["topic", "list", "--bootstrap", ","]), "names no address"),
+        (
+            Cmd(["topic", "list", "--bootstrap", cluster.nodes[0].gossip]),
+            "is not a broker's rpc address",
+        ),
     ]
     results = dlogctl_many([cmd for cmd, _ in cases])
     for (_, expected), result in zip(cases, results, strict=True):
