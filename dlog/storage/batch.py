@@ -226,11 +226,9 @@ def parse_batches(buf: Buffer, *, verify_crc: bool = True) -> list[BatchHeader]:
     return _parse(buf, verify_crc, None)
 
 
-class _ProduceRules(NamedTuple):
-    now_ms: int | None
-    max_timestamp_skew_ms: int
-    max_batch_bytes: int
-    latest_timestamp: int
+#: The leader's produce rules for :func:`_parse`: (now_ms or None, max_timestamp_skew_ms,
+#: max_batch_bytes, the latest maxTimestamp allowed). A plain tuple: built per append.
+_ProduceRules = tuple[int | None, int, int, int]
 
 
 def _parse(buf: Buffer, verify_crc: bool, rules: _ProduceRules | None) -> list[BatchHeader]:
@@ -242,6 +240,9 @@ def _parse(buf: Buffer, verify_crc: bool, rules: _ProduceRules | None) -> list[B
     new = tuple.__new__  # BatchHeader._make without its Python frame
     unpack = _HEADER.unpack_from
     crc = crc32c.crc32c
+    if rules is not None:
+        max_batch_bytes = rules[2]
+        latest_timestamp = rules[3]
     pos = 0
     end = len(buf)
     with memoryview(buf) as view:
@@ -260,14 +261,12 @@ def _parse(buf: Buffer, verify_crc: bool, rules: _ProduceRules | None) -> list[B
             if rules is not None:
                 attributes = header.attributes
                 if (
-                    size > rules.max_batch_bytes
+                    size > max_batch_bytes
                     or attributes & CONTROL_MASK
                     or (attributes & COMPRESSION_MASK) not in SUPPORTED_COMPRESSION
-                    or header.max_timestamp > rules.latest_timestamp
+                    or header.max_timestamp > latest_timestamp
                 ):
-                    _check_produce_rules(
-                        header, rules.now_ms, rules.max_timestamp_skew_ms, rules.max_batch_bytes
-                    )
+                    _check_produce_rules(header, rules[0], rules[1], max_batch_bytes)
             append(header)
             pos += size
     return headers
@@ -296,10 +295,18 @@ def validate_batches(
     :class:`InvalidRecordError`, :class:`MessageTooLargeError` or
     :class:`InvalidTimestampError`.
     """
+    return validate_produce(buf, now_ms, max_timestamp_skew_ms, max_batch_bytes)
+
+
+def validate_produce(
+    buf: Buffer, now_ms: int | None, max_timestamp_skew_ms: int, max_batch_bytes: int
+) -> list[BatchHeader]:
+    """:func:`validate_batches` with positional arguments, for the log's append (a
+    keyword call costs more, and this runs for every produce)."""
     if len(buf) == 0:
         raise CorruptRecordError("empty record set")
     latest = (1 << 63) if now_ms is None else now_ms + max_timestamp_skew_ms
-    return _parse(buf, True, _ProduceRules(now_ms, max_timestamp_skew_ms, max_batch_bytes, latest))
+    return _parse(buf, True, (now_ms, max_timestamp_skew_ms, max_batch_bytes, latest))
 
 
 def _check_produce_rules(

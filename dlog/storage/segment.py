@@ -326,18 +326,19 @@ class LogSegment:
         :class:`StorageError` is raised.
         """
         start = self.size
-        with memoryview(buf) as view:
-            total = len(view)
-            written = 0
+        total = len(buf)
+        try:
+            written = os.write(self._fd, buf)  # one write takes it all, bar a short write
+            if written < total:
+                with memoryview(buf) as view:
+                    while written < total:
+                        written += os.write(self._fd, view[written:])
+        except OSError as exc:
             try:
-                while written < total:
-                    written += os.write(self._fd, view[written:])
-            except OSError as exc:
-                try:
-                    os.ftruncate(self._fd, start)
-                except OSError:
-                    logger.exception("could not cut %s back after a failed write", self.log_path)
-                raise StorageError(f"write to {self.log_path} failed: {exc}") from exc
+                os.ftruncate(self._fd, start)
+            except OSError:
+                logger.exception("could not cut %s back after a failed write", self.log_path)
+            raise StorageError(f"write to {self.log_path} failed: {exc}") from exc
         if start == 0:
             # Kafka counts from the first batch's own timestamp; the broker's clock is
             # used here so that producers replaying old records cannot make every
@@ -354,9 +355,10 @@ class LogSegment:
                 self.max_timestamp_so_far = max_timestamp
                 self.offset_of_max_timestamp = last
             if since > interval:
-                self.offset_index.append(last, start + header.position, skip_when_full=True)
+                # (Positional: skip_when_full=True. A keyword call costs more, per batch.)
+                self.offset_index.append(last, start + header.position, True)
                 self.time_index.maybe_append(
-                    self.max_timestamp_so_far, self.offset_of_max_timestamp, skip_when_full=True
+                    self.max_timestamp_so_far, self.offset_of_max_timestamp, False, True
                 )
                 since = 0
             since += header.batch_length + LOG_OVERHEAD
