@@ -191,6 +191,11 @@ class PartitionLog:
         # Bumped by truncations: an in-flight threaded read or flush started before one
         # must not trust what it saw.
         self._generation = 0
+        #: The generation the checkpoint on disk was written in. Behind _generation, a
+        #: truncation's checkpoint is not written yet (its write failed): the one on
+        #: disk may claim a recovery point above the log end, and appends there would
+        #: be trusted unscanned after a crash. So appends wait until it is written.
+        self._checkpointed_generation = 0
         self._truncating = False
         self._closed = False
         self._dir_seq = 1  # directory changes (files created, renamed) vs. fsynced
@@ -472,6 +477,11 @@ class PartitionLog:
         self._check_open()
         if self._truncating:
             raise StorageError(f"log {self.directory} is being truncated")
+        if self._checkpointed_generation != self._generation:
+            raise StorageError(
+                f"log {self.directory} takes appends again once the checkpoint of its"
+                " truncation is written (the last attempt failed)"
+            )
 
     # ------------------------------------------------------------------------------------
     # Appending
@@ -487,7 +497,7 @@ class PartitionLog:
         :class:`UnsupportedCompressionTypeError`, :class:`InvalidRecordError`, or
         :class:`FencedLeaderEpochError` for an epoch older than the log's latest.
         """
-        if self._closed or self._truncating:
+        if self._closed or self._truncating or self._checkpointed_generation != self._generation:
             self._check_appendable()
         if leader_epoch < 0:
             raise ValueError(f"leader epoch must be >= 0, got {leader_epoch}")
@@ -962,6 +972,8 @@ class PartitionLog:
         then raises.
         """
         async with self._checkpoint_lock:
+            generation = self._generation
+            force = force or self._checkpointed_generation != generation
             if self._closed and not force:
                 return False
             offsets = (self._high_watermark, self._bases[0], self._recovery_point)
@@ -979,6 +991,7 @@ class PartitionLog:
             )
             self._checkpointed = offsets
             self._checkpointed_epochs = epochs_version
+            self._checkpointed_generation = max(self._checkpointed_generation, generation)
             return True
 
     # ------------------------------------------------------------------------------------

@@ -429,6 +429,42 @@ async def test_appends_wait_for_the_truncation_checkpoint(
     assert log.append(make_batch(1), leader_epoch=0).first_offset == 1
 
 
+async def test_appends_wait_until_a_failed_truncation_checkpoint_is_written(
+    open_log: OpenLog, make_batch: MakeBatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the checkpoint after a truncation cannot be written (a full disk), the one on
+    disk still has the old recovery point, above the new log end: appends there would
+    be trusted without a scan after a crash. So appends are refused until a
+    checkpoint is written (the log manager retries it every round)."""
+    import dlog.storage.log as log_module
+
+    log = open_log()
+    for _ in range(4):
+        log.append(make_batch(1), leader_epoch=0)
+    await log.flush()
+    assert await log.checkpoint()  # recovery point 4 on disk
+    real_write = log_module._write_checkpoints
+
+    def no_space(*args: object) -> None:
+        raise StorageError("writing checkpoints failed: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(log_module, "_write_checkpoints", no_space)
+    with pytest.raises(StorageError, match="No space"):
+        await log.truncate_to(2)
+    assert log.log_end_offset == 2
+    assert "recovery_point 4" in (log.directory / OFFSETS_CHECKPOINT).read_text()
+    with pytest.raises(StorageError, match="once the checkpoint of its truncation is written"):
+        log.append(make_batch(1), leader_epoch=0)
+    with pytest.raises(StorageError, match="No space"):
+        await log.checkpoint()  # a periodic one: still failing, still refused
+    with pytest.raises(StorageError, match="once the checkpoint"):
+        log.append(make_batch(1), leader_epoch=0)
+    monkeypatch.setattr(log_module, "_write_checkpoints", real_write)
+    assert await log.checkpoint()
+    assert "recovery_point 2" in (log.directory / OFFSETS_CHECKPOINT).read_text()
+    assert log.append(make_batch(1), leader_epoch=0).first_offset == 2
+
+
 # -- high watermark, checkpoints, reopen ----------------------------------------------------
 
 
