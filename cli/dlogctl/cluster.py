@@ -67,7 +67,9 @@ def cluster_up(
                 f"note: the cluster in {data_dir} has {len(existing.nodes)} nodes; it does"
                 " not shrink (remove nodes with `dlogctl node remove N`)"
             )
-    bring_up(data_dir, nodes or 3, base_port or 9400, host, timeout, log_level)
+    if nodes is None:  # a new cluster gets 3; an existing one keeps its size
+        nodes = len(existing.nodes) if existing is not None else 3
+    bring_up(data_dir, nodes, base_port or 9400, host, timeout, log_level)
 
 
 def bring_up(

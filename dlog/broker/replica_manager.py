@@ -646,7 +646,8 @@ class ReplicaManager:
                     )
                 info = p.append_as_leader(bytearray(chunk))
             except DlogError as exc:
-                if isinstance(exc, StorageError):
+                if isinstance(exc, StorageError) and isinstance(exc.__cause__, OSError):
+                    # (Not "closed" or "being truncated": a partition going away.)
                     self._storage_failed("appending to", part.topic, part.partition, exc)
                 results.append(_produce_error(part.topic, part.partition, exc))
                 continue
@@ -1053,8 +1054,10 @@ class ReplicaManager:
                 except (NetworkError, RequestTimedOutError) as exc:
                     log.debug("fetch %s-%d from %d: %s", p.topic, p.partition, leader, exc)
                     await trio.sleep(backoff)
-                except StorageError:
-                    # Ours is reported by _fetch_once (rate-limited), the leader's by it.
+                except StorageError as exc:
+                    # A disk error here (appending, truncating, fsyncing) or the
+                    # leader's, reported once per interval rather than once per backoff.
+                    self._storage_failed(f"following {leader} for", p.topic, p.partition, exc)
                     await trio.sleep(backoff)
                 except DlogError as exc:
                     log.info("fetch %s-%d from %d: %s", p.topic, p.partition, leader, exc)
@@ -1157,9 +1160,6 @@ class ReplicaManager:
         except UnexpectedAppendOffsetError as exc:
             log.warning("%s-%d: %s; re-truncating", p.topic, p.partition, exc)
             return False
-        except StorageError as exc:
-            self._storage_failed("replicating", p.topic, p.partition, exc)
-            raise
         if batches and plog.flush_before_ack:
             await plog.flush()
         return True

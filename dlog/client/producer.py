@@ -876,6 +876,8 @@ class Producer:
                         f"{q.topic}-{q.partition} has no leader (its replicas are down?)"
                     )
                 continue
+            if isinstance(q.last_error, LeaderNotAvailableError):
+                q.last_error = None  # it has one again
             node, address = leader
             by_node.setdefault(node, []).append(q)
             addresses[node] = address

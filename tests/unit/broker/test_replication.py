@@ -835,7 +835,9 @@ async def test_a_full_disk_answers_storage_errors_and_is_logged_once_per_interva
 
         def append(records: Any, leader_epoch: int) -> Any:
             if full[0]:
-                raise StorageError("write failed: [Errno 28] No space left on device")
+                # As LogSegment.append raises it: the OSError is the cause.
+                no_space = OSError(28, "No space left on device")
+                raise StorageError(f"write failed: {no_space}") from no_space
             return real_append(records, leader_epoch)
 
         p.log.append = append  # type: ignore[method-assign]
