@@ -68,6 +68,8 @@ class _MmapIndex:
             length = os.fstat(self._fd).st_size
             # A file that is not whole entries is damaged past its last whole entry.
             self._entries = min(length, self._max_index_size) // self._entry_size
+            #: Entries whose bytes have disk blocks (see back()); those written are.
+            self._backed = self._entries
             self._last: tuple[int, ...] | None = None
             if writable:
                 self._map_writable()
@@ -95,10 +97,29 @@ class _MmapIndex:
     def _map_read_only(self, length: int) -> None:
         self._unmap()
         if os.fstat(self._fd).st_size != length:
-            os.ftruncate(self._fd, length)
+            os.ftruncate(self._fd, length)  # (frees the blocks past it)
             self.modifications += 1
+        self._backed = min(self._backed, length // self._entry_size)
         self._mm = mmap.mmap(self._fd, length, access=mmap.ACCESS_READ) if length else None
         self._writable = False
+
+    def back(self, entries: int) -> int:
+        """Give the first ``entries`` entries disk blocks (and some more, so that this
+        is rare); returns how many are backed now.
+
+        The file is preallocated sparse, and a store through the mapping to a page
+        without blocks on a full disk is SIGBUS: the process dies. Allocating ahead
+        turns that into a StorageError here, before anything is written.
+        """
+        if entries > self._backed:
+            want = min(self._max_entries, max(entries, self._backed + _BACK_AHEAD_ENTRIES))
+            start = self._backed * self._entry_size
+            try:
+                os.posix_fallocate(self._fd, start, want * self._entry_size - start)
+            except OSError as exc:
+                raise StorageError(f"cannot allocate index {self.path.name}: {exc}") from exc
+            self._backed = want
+        return self._backed
 
     def make_writable(self) -> None:
         """Grow back to the preallocated size (the segment became active again)."""
@@ -153,6 +174,7 @@ class _MmapIndex:
         # mid-rebuild never leaves stale entries looking valid.
         self._unmap()
         os.ftruncate(self._fd, 0)
+        self._backed = 0
         self._map_writable()
 
     def _truncate_entries(self, n: int) -> None:
@@ -184,6 +206,9 @@ class _MmapIndex:
             os.close(self._fd)
             self._fd = -1
 
+
+#: Entries given disk blocks at a time beyond those needed (see _MmapIndex.back).
+_BACK_AHEAD_ENTRIES: Final = 8192
 
 _OFFSET_ENTRY: Final = struct.Struct(">II")
 _TIME_ENTRY: Final = struct.Struct(">qI")
@@ -220,6 +245,8 @@ class OffsetIndex(_MmapIndex):
             or not self._writable
         ):
             raise self._cannot_append(offset)
+        if entries >= self._backed:
+            self.back(entries + 1)
         _OFFSET_ENTRY.pack_into(mm, entries * 8, relative, position)
         self._entries = entries + 1
         self._last = (relative, position)
@@ -347,6 +374,8 @@ class TimeIndex(_MmapIndex):
         mm = self._mm
         if relative < 0 or relative > MAX_RELATIVE_OFFSET or mm is None or not self._writable:
             raise self._cannot_append(offset)
+        if entries >= self._backed:
+            self.back(entries + 1)
         _TIME_ENTRY.pack_into(mm, entries * 12, timestamp, relative)
         self._entries = entries + 1
         self._last = (timestamp, relative)

@@ -226,6 +226,9 @@ class LogSegment:
         #: (offset, position) of the last append's first batch: where readers that
         #: were caught up (followers, tailing consumers) all come next.
         self._tail_hint: tuple[int, int] | None = None
+        #: Index entries the active segment's appends may add without allocating disk
+        #: blocks first (a lower bound; 0 forces a check).
+        self._index_room = 0
         self._refs = 1
         self._deleted = False
         self._closed = False
@@ -327,6 +330,12 @@ class LogSegment:
         """
         start = self.size
         total = len(buf)
+        # At most one index entry per batch: make sure the indexes can take them before
+        # anything is written (a full disk fails here, not half-way).
+        n = len(headers)
+        if self._index_room < n:
+            self._refill_index_room(n)
+        self._index_room -= n
         try:
             written = os.write(self._fd, buf)  # one write takes it all, bar a short write
             if written < total:
@@ -369,6 +378,14 @@ class LogSegment:
         self._tail_hint = (first_offset, start)
         self._dirty_seq += 1
         return offset
+
+    def _refill_index_room(self, n: int) -> None:
+        """Give both indexes disk blocks for at least ``n`` more entries (StorageError
+        if the disk has no room); remember how many they can take now."""
+        oi, ti = self.offset_index, self.time_index
+        oi_room = oi.back(oi.entries + n) - oi.entries
+        ti_room = ti.back(ti.entries + n + 1) - ti.entries - 1  # (+1: the roll's entry)
+        self._index_room = max(0, min(oi_room, ti_room))
 
     def _index_batch(self, position: int, size: int, last_offset: int, max_timestamp: int) -> None:
         """Track the max timestamp and add index entries every index_interval_bytes
@@ -514,6 +531,7 @@ class LogSegment:
         """
         self.offset_index.reset()
         self.time_index.reset()
+        self._index_room = 0
         self.max_timestamp_so_far = -1
         self.offset_of_max_timestamp = self.base_offset
         self._bytes_since_last_index_entry = 0
@@ -581,6 +599,7 @@ class LogSegment:
         """Rebuild both indexes from batch headers (no CRC: the data is trusted)."""
         self.offset_index.reset()
         self.time_index.reset()
+        self._index_room = 0
         self.max_timestamp_so_far = -1
         self.offset_of_max_timestamp = self.base_offset
         self._bytes_since_last_index_entry = 0
@@ -626,12 +645,14 @@ class LogSegment:
             )
         self.offset_index.trim_to_valid_size()
         self.time_index.trim_to_valid_size()
+        self._index_room = 0
         self._mark_dirty()
 
     def on_become_active(self) -> None:
         """Truncation made this the last segment again: indexes take appends again."""
         self.offset_index.make_writable()
         self.time_index.make_writable()
+        self._index_room = 0
 
     # -- durability ----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from storage_testing import MakeBatch
 
+from dlog.errors import StorageError
 from dlog.storage.batch import assign_offsets, iter_batch_headers, validate_batches
 from dlog.storage.segment import (
     LogSegment,
@@ -58,6 +59,40 @@ def test_append_goes_straight_to_the_file(tmp_path: Path, make_batch: MakeBatch)
     assert segment.size == len(data)
     assert segment.next_offset == BASE + 1 + 2 + 3
     assert segment.read_bytes(0, segment.size) == data
+    segment.close()
+
+
+def test_index_pages_get_disk_blocks_before_use_so_a_full_disk_is_an_error(
+    tmp_path: Path, make_batch: MakeBatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Index files are preallocated sparse and written through mmap: a store to a page
+    without disk blocks on a full disk is SIGBUS, which kills the process. Blocks are
+    allocated ahead instead, and when that fails the append is a StorageError with
+    nothing written."""
+    import dlog.storage.index as index_module
+
+    segment = new_segment(tmp_path, interval=0)  # an index entry for every batch
+    fill(segment, make_batch, 3)
+    index_path = tmp_path / segment_file_name(BASE, ".index")
+    assert os.stat(index_path).st_blocks > 0  # allocated, not sparse where written
+    size, next_offset = segment.size, segment.next_offset
+    entries = segment.offset_index.entries
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_module.os, "posix_fallocate", no_space)
+    segment._index_room = 0  # as when the allocated part is used up
+    segment.offset_index._backed = segment.offset_index.entries
+    batch = make_batch(1)
+    headers = validate_batches(batch, now_ms=None, max_timestamp_skew_ms=0, max_batch_bytes=1 << 20)
+    assign_offsets(batch, headers, next_offset, 0)
+    with pytest.raises(StorageError, match="cannot allocate index .*No space left"):
+        segment.append(batch, headers, next_offset, 0)
+    assert segment.size == size == os.path.getsize(tmp_path / segment_file_name(BASE, ".log"))
+    assert segment.offset_index.entries == entries
+    monkeypatch.undo()
+    assert append(segment, batch, next_offset) == next_offset + 1
     segment.close()
 
 
