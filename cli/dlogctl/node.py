@@ -95,15 +95,20 @@ def node_run(
     if reason is not None:
         fail(f"{reason} ({config.data_dir})")
     setup_logging(config.node_id, config.log_level)
+    progress = _Progress()
     try:
-        removed = run(_serve, config)
+        removed = run(_serve, config, progress)
     except (OSError, ExceptionGroup) as exc:
-        # A port taken, an address not on this machine, a directory that cannot be
-        # made, a full disk: one line says it (the traceback is logged at debug).
-        os_error = _first_os_error(exc)
+        # Starting: a port taken, an address not on this machine, a directory that
+        # cannot be made -- one line says it. Once running, an OSError is news (a disk
+        # failing, or a bug): its traceback goes to the log first.
+        os_error = _only_os_errors(exc)
         if os_error is None:
             raise
-        logging.getLogger("dlog.broker.node").debug("stopped by", exc_info=exc)
+        if progress.serving:
+            logging.getLogger("dlog.broker.node").error("node stopped", exc_info=exc)
+        else:
+            logging.getLogger("dlog.broker.node").debug("could not start", exc_info=exc)
         fail(f"node {config.node_id} stopped: {_describe(os_error)}")
     if removed:
         fail(
@@ -112,14 +117,21 @@ def node_run(
         )
 
 
-def _first_os_error(exc: BaseException) -> OSError | None:
+class _Progress:
+    """How far _serve got: a failure while starting is told differently."""
+
+    serving = False
+
+
+def _only_os_errors(exc: BaseException) -> OSError | None:
+    """The first OSError in ``exc`` if that is all it holds (else None: something
+    else failed too, and the whole traceback is the report)."""
     if isinstance(exc, OSError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_os_error(inner)
-            if found is not None:
-                return found
+        found = [_only_os_errors(inner) for inner in exc.exceptions]
+        if found and all(f is not None for f in found):
+            return found[0]
     return None
 
 
@@ -130,7 +142,7 @@ def _describe(exc: OSError) -> str:
     return text
 
 
-async def _serve(config: BrokerConfig) -> bool:
+async def _serve(config: BrokerConfig, progress: _Progress) -> bool:
     """Run the node until a signal's controlled shutdown, or until it finds itself
     removed from the cluster (returns True then)."""
     import trio
@@ -141,6 +153,7 @@ async def _serve(config: BrokerConfig) -> bool:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             await nursery.start(broker.run)
+            progress.serving = True
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
