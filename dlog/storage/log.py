@@ -196,6 +196,10 @@ class PartitionLog:
         #: disk may claim a recovery point above the log end, and appends there would
         #: be trusted unscanned after a crash. So appends wait until it is written.
         self._checkpointed_generation = 0
+        #: Set when an fsync failed: what was written may be lost whatever a later fsync
+        #: says (the kernel may have dropped the dirty pages), so the log takes no more
+        #: writes, and the manager stops the node (as Kafka does).
+        self._fsync_error: StorageError | None = None
         self._truncating = False
         self._closed = False
         self._dir_seq = 1  # directory changes (files created, renamed) vs. fsynced
@@ -473,10 +477,22 @@ class PartitionLog:
         if self._closed:
             raise StorageError(f"log {self.directory} is closed")
 
+    @property
+    def fsync_error(self) -> StorageError | None:
+        """The failed fsync that took this log offline, if any."""
+        return self._fsync_error
+
+    def _offline(self) -> StorageError:
+        return StorageError(
+            f"log {self.directory} is offline after a failed fsync ({self._fsync_error})"
+        )
+
     def _check_appendable(self) -> None:
         self._check_open()
         if self._truncating:
             raise StorageError(f"log {self.directory} is being truncated")
+        if self._fsync_error is not None:
+            raise self._offline()
         if self._checkpointed_generation != self._generation:
             raise StorageError(
                 f"log {self.directory} takes appends again once the checkpoint of its"
@@ -497,7 +513,12 @@ class PartitionLog:
         :class:`UnsupportedCompressionTypeError`, :class:`InvalidRecordError`, or
         :class:`FencedLeaderEpochError` for an epoch older than the log's latest.
         """
-        if self._closed or self._truncating or self._checkpointed_generation != self._generation:
+        if (
+            self._closed
+            or self._truncating
+            or self._checkpointed_generation != self._generation
+            or self._fsync_error is not None
+        ):
             self._check_appendable()
         if leader_epoch < 0:
             raise ValueError(f"leader epoch must be >= 0, got {leader_epoch}")
@@ -934,6 +955,8 @@ class PartitionLog:
         for the fsync in progress, then raises.
         """
         async with self._flush_lock:
+            if self._fsync_error is not None:
+                raise self._offline()
             if self._closed or not self.needs_flush:
                 self._last_flush_time = trio.current_time()
                 return
@@ -952,6 +975,9 @@ class PartitionLog:
                     dirty,
                     self.directory if sync_dir else None,
                 )
+            except StorageError as exc:
+                self._fsync_error = exc
+                raise
             finally:
                 for segment, _ in dirty:
                     segment.release()

@@ -212,6 +212,45 @@ async def test_a_checkpoint_that_cannot_be_written_is_retried_not_fatal(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_failed_fsync_takes_the_log_offline_and_stops_the_manager(
+    tmp_path: Path,
+    clock: ManualClock,
+    make_batch: MakeBatch,
+    autojump_clock: trio.testing.MockClock,
+    inline_threads: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a failed fsync the kernel may have dropped the dirty pages, and a later
+    fsync that succeeds proves nothing: the log takes no more writes or flushes, and
+    the manager (and so the node) stops at its next check, even when the fsync that
+    failed was a request's (flush_messages=1), not the flusher's."""
+    import dlog.storage.segment as segment_module
+
+    logs = manager(tmp_path, clock, flush_check_interval_ms=100)
+    with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
+        async with trio.open_nursery() as nursery:
+            await nursery.start(logs.run)
+            log = await logs.get_or_create("t", 0, "id", LogConfig(flush_messages=1))
+            log.append(make_batch(1), leader_epoch=0)
+
+            def eio(fd: int) -> None:
+                raise OSError(5, "Input/output error")
+
+            monkeypatch.setattr(segment_module.os, "fdatasync", eio)
+            with pytest.raises(StorageError, match="fsync failed"):
+                await log.flush()  # as a produce with flush_messages=1 does
+            monkeypatch.undo()
+            assert log.recovery_point == 0
+            with pytest.raises(StorageError, match="offline after a failed fsync"):
+                log.append(make_batch(1), leader_epoch=0)
+            with pytest.raises(StorageError, match="offline after a failed fsync"):
+                await log.flush()
+            await trio.sleep(1)  # the flusher's next check stops the manager
+            pytest.fail("the manager did not stop")
+    assert stopped.group_contains(StorageError, match="fsync of .* failed")
+    assert trio.current_time() < 1
+
+
 async def test_retention_task(
     tmp_path: Path,
     clock: ManualClock,
