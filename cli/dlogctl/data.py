@@ -33,7 +33,8 @@ def produce(
         30_000,
         "--timeout-ms",
         min=1,
-        help="Give up on a record not acknowledged this long after it was read (retries included).",
+        help="Give up on a record not acknowledged this long after the producer took it"
+        " (retries included).",
     ),
     bootstrap: str | None = BootstrapOption,
     data_dir: Path = DataDirOption,

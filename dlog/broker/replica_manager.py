@@ -507,6 +507,7 @@ class ReplicaManager:
 
     async def _remove_partition(self, tp: TopicPartition, topic_id: str) -> None:
         self._stop_fetcher(tp)
+        self._storage_errors.pop(tp, None)
         p = self.partitions.pop(tp, None)
         if p is not None:
             p.role = Role.NONE

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from dlogctl.local import ClusterSpec, free_base_port, node_pid, ports_in_use
 from dlogctl.main import app
 from typer.testing import CliRunner
@@ -25,6 +26,7 @@ def process(*args: str) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
 def test_a_pid_file_counts_only_while_its_process_is_that_node(tmp_path: Path) -> None:
     spec = ClusterSpec.create(tmp_path / "c", 1, 20000, "127.0.0.1")
     node = spec.nodes[0]

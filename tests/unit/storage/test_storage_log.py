@@ -66,6 +66,16 @@ def test_append_several_batches_in_one_buffer(open_log: OpenLog, make_batch: Mak
     info = log.append(buf, leader_epoch=0)
     assert (info.first_offset, info.last_offset, info.batch_count) == (0, 3, 3)
     assert values(log) == [b"a", b"b", b"c", b"d"]
+    # Every field (the append builds it positionally, without the arity check).
+    headers = list(iter_batch_headers(buf))
+    assert info._asdict() == {
+        "first_offset": 0,
+        "last_offset": 3,
+        "max_timestamp": max(h.max_timestamp for h in headers),
+        "batch_count": 3,
+        "record_count": 4,
+        "size": len(buf),
+    }
 
 
 @pytest.mark.parametrize("damage", ["crc", "magic", "length", "trailing"])
