@@ -219,7 +219,7 @@ class OffsetIndex(_MmapIndex):
 
     ENTRY = _OFFSET_ENTRY
 
-    def append(self, offset: int, position: int, skip_when_full: bool = False) -> None:
+    def append(self, offset: int, position: int, *, skip_when_full: bool = False) -> None:
         """Add an entry; offsets and positions must both increase.
 
         A full index raises, or with ``skip_when_full`` drops the entry (the segment
@@ -342,6 +342,7 @@ class TimeIndex(_MmapIndex):
         self,
         timestamp: int,
         offset: int,
+        *,
         skip_full_check: bool = False,
         skip_when_full: bool = False,
     ) -> None:

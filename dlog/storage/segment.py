@@ -364,10 +364,9 @@ class LogSegment:
                 self.max_timestamp_so_far = max_timestamp
                 self.offset_of_max_timestamp = last
             if since > interval:
-                # (Positional: skip_when_full=True. A keyword call costs more, per batch.)
-                self.offset_index.append(last, start + header.position, True)
+                self.offset_index.append(last, start + header.position, skip_when_full=True)
                 self.time_index.maybe_append(
-                    self.max_timestamp_so_far, self.offset_of_max_timestamp, False, True
+                    self.max_timestamp_so_far, self.offset_of_max_timestamp, skip_when_full=True
                 )
                 since = 0
             since += header.batch_length + LOG_OVERHEAD
