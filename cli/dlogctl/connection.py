@@ -20,9 +20,21 @@ async def open_client(addresses: list[str], **options: Any) -> AsyncIterator[Cli
     """A client with CLI-friendly timeouts, after checking some broker answers at all:
     an unreachable cluster is one clear error within seconds, not a minute of retries."""
     # The client's own warnings (a connection dropped, a bad answer) would land between
-    # the command's output lines; the command reports what fails, in one line.
+    # the command's output lines; the command reports what fails, in one line. (Only
+    # when nothing configured logging; the level is put back on the way out.)
+    dlog_logger = logging.getLogger("dlog")
+    level = dlog_logger.level
     if not logging.getLogger().handlers:
-        logging.getLogger("dlog").setLevel(logging.ERROR)
+        dlog_logger.setLevel(logging.ERROR)
+    try:
+        async with _checked_client(addresses, **options) as client:
+            yield client
+    finally:
+        dlog_logger.setLevel(level)
+
+
+@asynccontextmanager
+async def _checked_client(addresses: list[str], **options: Any) -> AsyncIterator[Client]:
     async with open_rpc_pool(ClientConfig(connect_timeout_s=3, request_timeout_s=5)) as pool:
         errors = []
         for address in addresses:
