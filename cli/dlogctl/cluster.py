@@ -105,7 +105,7 @@ def bring_up(
     to_start = [node for node in live if node_pid(node) is None]
     for node in to_start:
         # Another cluster (or program) on these ports would answer for this one.
-        taken = ports_in_use(spec, node)
+        taken = ports_in_use(node)
         if taken:
             fail(
                 f"node {node.id}'s {', '.join(taken)} in use by another process (another"

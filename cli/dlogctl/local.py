@@ -178,7 +178,7 @@ def _runs_node(pid: int, node: NodeSpec) -> bool:
     return b"dlogctl" in b" ".join(args) and b"run" in args and os.fsencode(node.data_dir) in args
 
 
-def ports_in_use(spec: ClusterSpec, node: NodeSpec) -> list[str]:
+def ports_in_use(node: NodeSpec) -> list[str]:
     """Which of ``node``'s ports something else holds now, as "rpc port 9400", ...
     (checked by binding them as the node would: TCP for rpc and raft, both for gossip)."""
     taken = []

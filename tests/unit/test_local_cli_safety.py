@@ -49,12 +49,12 @@ def test_a_pid_file_counts_only_while_its_process_is_that_node(tmp_path: Path) -
 def test_ports_another_process_holds_are_named(tmp_path: Path) -> None:
     base = free_base_port()
     spec = ClusterSpec.create(tmp_path / "c", 1, base, "127.0.0.1")
-    assert ports_in_use(spec, spec.nodes[0]) == []
+    assert ports_in_use(spec.nodes[0]) == []
     with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         tcp.bind(("127.0.0.1", base))
         tcp.listen()
         udp.bind(("127.0.0.1", base + 100))
-        assert ports_in_use(spec, spec.nodes[0]) == [
+        assert ports_in_use(spec.nodes[0]) == [
             f"rpc port {base}",
             f"gossip port {base + 100}",
         ]
