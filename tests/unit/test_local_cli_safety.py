@@ -3,14 +3,17 @@ own, and broken local files are one clear error, not a traceback."""
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from dlogctl import local
 from dlogctl.local import ClusterSpec, free_base_port, node_pid, ports_in_use
 from dlogctl.main import app
 from typer.testing import CliRunner
@@ -44,6 +47,35 @@ def test_a_pid_file_counts_only_while_its_process_is_that_node(tmp_path: Path) -
     with process(*sleeper, "dlogctl", "node", "run", "--data-dir", node.data_dir + "x") as its:
         node.pid_file.write_text(f"{its.pid}\n")
         assert node_pid(node) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_a_node_counts_as_running_right_after_it_is_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Popen returns before the child's exec has set up its command line, which then
+    # reads empty for a while (51 us to 11 ms here, longest on a busy machine): a node
+    # just started was taken for one that had died, and the chaos soak failed with
+    # "node 1 exited without being killed". The empty reads are made to last here.
+    spec = ClusterSpec.create(tmp_path / "c", 1, 20000, "127.0.0.1")
+    node = spec.nodes[0]
+    node.path.mkdir(parents=True)
+    args = [sys.executable, "-c", "import time; time.sleep(60)"]
+    args += ["dlogctl", "node", "run", "--data-dir", node.data_dir]
+    empty_reads = 0
+
+    def still_in_exec(path: str, *rest: Any) -> Any:
+        nonlocal empty_reads
+        if path.endswith("/cmdline") and empty_reads < 5:
+            empty_reads += 1
+            return io.BytesIO(b"")
+        return open(path, *rest)
+
+    with process(*args) as proc:
+        node.pid_file.write_text(f"{proc.pid}\n")
+        monkeypatch.setattr(local, "open", still_in_exec, raising=False)
+        assert node_pid(node) == proc.pid
+        assert empty_reads == 5
 
 
 def test_ports_another_process_holds_are_named(tmp_path: Path) -> None:
