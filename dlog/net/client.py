@@ -32,12 +32,12 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
+from mypy_extensions import mypyc_attr
 
 from dlog.errors import (
     DlogError,
@@ -643,6 +643,8 @@ class _Backoff:
     next_attempt: float = -math.inf
 
 
+# (Tests subclass it with an in-memory transport; the compiled build must allow that.)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RpcPool:
     """One pooled connection per address. Create it with :func:`open_rpc_pool`."""
 
@@ -753,15 +755,32 @@ class RpcPool:
             self.disconnect(address)
 
 
-@asynccontextmanager
-async def open_rpc_pool(
-    config: ClientConfig | None = None, *, rng: random.Random | None = None
-) -> AsyncIterator[RpcPool]:
-    """A connection pool whose connections live exactly as long as the ``async with``."""
-    async with trio.open_nursery() as nursery:
-        pool = RpcPool(nursery, config or ClientConfig(), rng or random.Random())
+class open_rpc_pool:  # (lowercase: to its callers it is a function, `async with open_rpc_pool()`)
+    """A connection pool whose connections live exactly as long as the ``async with``.
+
+    (A class rather than an ``asynccontextmanager`` generator so that the compiled
+    build, which cannot compile async generators, can compile this module.)"""
+
+    def __init__(
+        self, config: ClientConfig | None = None, *, rng: random.Random | None = None
+    ) -> None:
+        self._config = config or ClientConfig()
+        self._rng = rng or random.Random()
+        self._nursery_manager: Any = None
+        self._pool: RpcPool | None = None
+
+    async def __aenter__(self) -> RpcPool:
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        self._pool = RpcPool(nursery, self._config, self._rng)
+        return self._pool
+
+    async def __aexit__(self, *exc_info: Any) -> bool:
+        pool = self._pool
+        assert pool is not None
         try:
-            yield pool
-        finally:
             pool.close()
-            nursery.cancel_scope.cancel()
+        finally:
+            pool._nursery.cancel_scope.cancel()
+            suppressed = await self._nursery_manager.__aexit__(*exc_info)
+        return bool(suppressed)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -820,27 +822,25 @@ async def test_many_partitions_failing_to_apply_log_a_few_lines_and_recover(
 
 
 async def test_a_full_disk_answers_storage_errors_and_is_logged_once_per_interval(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A leader whose disk refuses writes (full) answers each produce with
     KAFKA_STORAGE_ERROR, which producers retry, and says so in its log: once, not once
     per retry; writes go on once the disk has room again."""
-    from dlog.errors import StorageError
-
     async with dataplane_cluster(tmp_path) as cluster:
         await cluster.create_topic("t")
         p = cluster.leader_of("t").rm.partitions["t", 0]
-        real_append = p.log.append
+        segment_log = p.log.active_segment.log_path
+        real_write = os.write
         full = [True]
 
-        def append(records: Any, leader_epoch: int) -> Any:
-            if full[0]:
-                # As LogSegment.append raises it: the OSError is the cause.
-                no_space = OSError(28, "No space left on device")
-                raise StorageError(f"write failed: {no_space}") from no_space
-            return real_append(records, leader_epoch)
+        def write(fd: int, data: Any) -> int:
+            # The partition's segment file is on a full disk; everything else writes.
+            if full[0] and os.path.samefile(f"/proc/self/fd/{fd}", segment_log):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
 
-        p.log.append = append  # type: ignore[method-assign]
+        monkeypatch.setattr(os, "write", write)
         caplog.set_level(logging.ERROR, logger="dlog.broker.replica_manager")
         for i in range(5):
             resp = await produce(cluster, "t", b"v%d" % i)

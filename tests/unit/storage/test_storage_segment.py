@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from storage_testing import MakeBatch
 
+import dlog.storage.segment
 from dlog.errors import StorageError
 from dlog.storage.batch import assign_offsets, iter_batch_headers, validate_batches
 from dlog.storage.segment import (
@@ -15,6 +16,9 @@ from dlog.storage.segment import (
     parse_segment_file_name,
     segment_file_name,
 )
+
+# The compiled build's classes cannot have methods patched; the pure build checks those.
+COMPILED = (dlog.storage.segment.__file__ or "").endswith(".so")
 
 BASE = 500
 
@@ -154,7 +158,8 @@ def test_readers_at_the_end_find_the_next_batch_without_a_lookup(
         raise AssertionError("looked up instead of using the hint")
 
     with monkeypatch.context() as patched:
-        patched.setattr(segment, "translate_offset", no_lookup)
+        if not COMPILED:
+            patched.setattr(segment, "translate_offset", no_lookup)
         for _ in range(2):
             plan = segment.plan_read(end, 1 << 20, new_end, new_end, min_one_batch=True)
             assert plan is not None
