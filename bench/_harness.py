@@ -36,7 +36,8 @@ def python_build() -> str:
     bound by the interpreter's speed, and builds differ by 15-25% per request on this
     machine (see the README's benchmarks section). Says whether libpython is a shared
     library (slower calls unless built with -fno-semantic-interposition) and whether
-    CPython's own PGO+LTO switch was used (distributions may optimize without it)."""
+    CPython's own PGO+LTO switch was used (distributions may optimize without it), and
+    which build of dlog ran."""
     import os
     import sysconfig
 
@@ -51,6 +52,11 @@ def python_build() -> str:
         traits.append("--enable-optimizations")
     if "--with-lto" in config_args:
         traits.append("--with-lto")
+    # And whether dlog itself is the compiled build (`make compiled`) or pure Python.
+    import dlog.storage.log
+
+    compiled = (dlog.storage.log.__file__ or "").endswith(".so")
+    traits.append("dlog compiled" if compiled else "dlog pure Python")
     version = sys.version.split()[0]
     where = os.path.realpath(sys.executable)  # (the interpreter a venv links to)
     return f"{version} {where}" + (f" ({', '.join(traits)})" if traits else "")
