@@ -233,6 +233,10 @@ def start_node(
     seeds = [n.gossip for n in cluster.nodes if n.id != node.id]
     args = [
         sys.executable,
+        # -P: the working directory is not put on sys.path. Started from a source tree
+        # (a checkout of dlog), `-m` would import the dlog there, not the installed one
+        # (for one, a compiled build would run as pure Python).
+        "-P",
         "-m",
         "dlogctl",
         "node",

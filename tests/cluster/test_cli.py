@@ -438,3 +438,23 @@ def test_cluster_status_down_and_up_again(cluster: ClusterSpec) -> None:
     assert dlogctl("cluster", "status", "--json", *d).json()["cluster_id"] == status["cluster_id"]
     back = dlogctl("consume", "kept", "--from-beginning", "--max-records", "3", *d).ok()
     assert sorted(back.stdout.splitlines()) == ["a", "b", "c"]
+
+
+def test_nodes_do_not_import_a_dlog_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Started from a checkout of dlog, `python -m dlogctl` put the working directory first
+    # on the node's sys.path and imported the dlog there: a compiled install (`make
+    # compiled`, `make bench`) quietly ran its nodes as pure Python. Here the working
+    # directory's dlog cannot even be imported.
+    checkout = tmp_path / "checkout"
+    (checkout / "dlog").mkdir(parents=True)
+    (checkout / "dlog" / "__init__.py").write_text(
+        'raise ImportError("the dlog in the working directory was imported")\n'
+    )
+    monkeypatch.chdir(checkout)
+    spec = start_cluster(tmp_path / "cluster", 1, timeout_s=30)
+    try:
+        assert node_pid(spec.nodes[0]) is not None
+    finally:
+        kill_node(spec.nodes[0])

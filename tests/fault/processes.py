@@ -182,6 +182,7 @@ class ProcessCluster:
         not running and waits until the cluster is ready. Its output."""
         args = [
             sys.executable,
+            "-P",  # (not the source tree's dlog: see start_node)
             "-m",
             "dlogctl",
             "cluster",
@@ -207,7 +208,7 @@ class ProcessCluster:
     async def dlogctl(self, *args: str, bootstrap: str | None = None) -> str:
         """Run a dlogctl command against the cluster (or one node); its stdout."""
         addresses = bootstrap or ",".join(self.bootstrap)
-        argv = [sys.executable, "-m", "dlogctl", *args, "--bootstrap", addresses]
+        argv = [sys.executable, "-P", "-m", "dlogctl", *args, "--bootstrap", addresses]
         with trio.fail_after(60):
             done = await trio.run_process(
                 argv, capture_stdout=True, capture_stderr=True, check=False
