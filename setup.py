@@ -10,7 +10,9 @@ A compiled install needs mypy (for mypyc) and a C compiler in the installing ven
 Compiled modules differ from the pure ones in two ways code must allow for: a compiled
 class's methods cannot be patched (and it cannot be subclassed by an interpreted class
 unless marked ``@mypyc_attr(allow_interpreted_subclasses=True)``), and ``raise E from
-exc`` leaves ``E.__cause__`` unset (``exc`` is still its ``__context__``).
+exc`` leaves ``E.__cause__`` unset (``exc`` is still its ``__context__``; ``from None``
+does not suppress the context either). Code that needs to know why an error happened
+must not read ``__cause__`` alone.
 
 Never compile into the source tree: a stale extension module next to its ``.py``
 is imported instead of it, and edits would silently not take effect.

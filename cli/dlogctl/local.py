@@ -175,20 +175,25 @@ def _runs_node(pid: int, node: NodeSpec) -> bool:
     # A process just started shows an empty command line until its exec has set up
     # the new one, which takes a while after Popen returns (~10 ms on a busy machine
     # here): wait that out rather than call a node that is starting "not running".
-    # (Kernel threads, whose command line is always empty, have no executable.)
     deadline = time.monotonic() + _EXEC_GRACE_S
     while True:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 raw = f.read()
-            if not raw:
-                os.readlink(f"/proc/{pid}/exe")
         except FileNotFoundError:
             return not Path("/proc/self").exists()  # no /proc here: trust the pid file
         except OSError:
             return True
-        if raw or time.monotonic() >= deadline or not pid_alive(pid):
+        if raw:
             break
+        # Empty and for good: a kernel thread (no executable) or another user's process
+        # (its executable unreadable to us). Neither is a node we started.
+        try:
+            os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return False
+        if time.monotonic() >= deadline or not pid_alive(pid):
+            return False
         time.sleep(0.002)
     args = raw.split(b"\0")
     return b"dlogctl" in b" ".join(args) and b"run" in args and os.fsencode(node.data_dir) in args

@@ -770,10 +770,16 @@ class open_rpc_pool:  # (lowercase: to its callers it is a function, `async with
         self._pool: RpcPool | None = None
 
     async def __aenter__(self) -> RpcPool:
-        self._nursery_manager = trio.open_nursery()
-        nursery = await self._nursery_manager.__aenter__()
-        self._pool = RpcPool(nursery, self._config, self._rng)
-        return self._pool
+        if self._nursery_manager is not None:
+            raise RuntimeError("open_rpc_pool() is entered once; make another for another pool")
+        manager = self._nursery_manager = trio.open_nursery()
+        nursery = await manager.__aenter__()
+        try:
+            pool = self._pool = RpcPool(nursery, self._config, self._rng)
+        except BaseException as exc:  # (the nursery must be exited, whatever happened)
+            await manager.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return pool
 
     async def __aexit__(self, *exc_info: Any) -> bool:
         pool = self._pool

@@ -4,6 +4,7 @@ own, and broken local files are one clear error, not a traceback."""
 from __future__ import annotations
 
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -76,6 +77,15 @@ def test_a_node_counts_as_running_right_after_it_is_started(
         monkeypatch.setattr(local, "open", still_in_exec, raising=False)
         assert node_pid(node) == proc.pid
         assert empty_reads == 5
+        # An empty command line whose executable cannot be read (a kernel thread, or
+        # another user's process, as a stale pid file may name) is not our node.
+        empty_reads = 0
+
+        def unreadable(path: str) -> str:
+            raise PermissionError(13, "Permission denied", path)
+
+        monkeypatch.setattr(os, "readlink", unreadable)
+        assert node_pid(node) is None
 
 
 def test_ports_another_process_holds_are_named(tmp_path: Path) -> None:
