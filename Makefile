@@ -71,17 +71,13 @@ test-compiled: $(COMPILED_STAMP)
 		tests/unit/raft tests/unit/gossip tests/cluster/test_control_plane.py
 
 # Benchmarks run on the compiled build; bench-pure on the pure-Python one.
+run_benchmarks = @for script in bench/[!_]*.py; do echo "== $$script"; $(1) $$script || exit 1; done
+
 bench: $(COMPILED_STAMP)
-	@for script in bench/[!_]*.py; do \
-		echo "== $$script"; \
-		$(CBIN)/python $$script || exit 1; \
-	done
+	$(call run_benchmarks,$(CBIN)/python)
 
 bench-pure: $(RUN_STAMP)
-	@for script in bench/[!_]*.py; do \
-		echo "== $$script"; \
-		$(BIN)/python $$script || exit 1; \
-	done
+	$(call run_benchmarks,$(BIN)/python)
 
 clean:
 	rm -rf $(VENV) $(CVENV) build .dlog .pytest_cache .mypy_cache .ruff_cache .hypothesis
