@@ -265,9 +265,18 @@ class ProtocolError(InvalidRequestError):
 
 
 class StorageError(DlogError):
-    """A disk operation failed (I/O error, bad permissions, full disk)."""
+    """A log cannot do what was asked: it is closed, being truncated or offline, an
+    index is full, a file on disk is malformed -- or the disk itself failed
+    (:class:`StorageIOError`)."""
 
     code = ErrorCode.KAFKA_STORAGE_ERROR
+
+
+class StorageIOError(StorageError):
+    """The operating system failed a disk operation (I/O error, full disk, bad
+    permissions), or a log went offline after such a failure: the disk is at fault,
+    not the log's state. Raised ``from`` the OSError where there is one; that is not
+    relied on (a mypyc-compiled ``raise ... from`` leaves ``__cause__`` unset)."""
 
 
 class FencedLeaderEpochError(DlogError):

@@ -54,6 +54,7 @@ from dlog.errors import (
     NotLeaderError,
     RequestTimedOutError,
     StorageError,
+    StorageIOError,
     UnknownLeaderEpochError,
     UnknownServerError,
     UnknownTopicOrPartitionError,
@@ -647,12 +648,9 @@ class ReplicaManager:
                     )
                 info = p.append_as_leader(bytearray(chunk))
             except DlogError as exc:
-                # (An I/O failure, not "closed" or "being truncated": a partition going
-                # away. The compiled storage raises it with the OSError as its context
-                # only: mypyc does not set __cause__ from `raise ... from`.)
-                if isinstance(exc, StorageError) and isinstance(
-                    exc.__cause__ or exc.__context__, OSError
-                ):
+                # (A disk failure, not "closed" or "being truncated": a partition going
+                # away.)
+                if isinstance(exc, StorageIOError):
                     self._storage_failed("appending to", part.topic, part.partition, exc)
                 results.append(_produce_error(part.topic, part.partition, exc))
                 continue

@@ -28,7 +28,7 @@ import struct
 from pathlib import Path
 from typing import ClassVar, Final, NamedTuple
 
-from dlog.errors import StorageError
+from dlog.errors import StorageError, StorageIOError
 
 MAX_RELATIVE_OFFSET: Final = 0xFFFFFFFF
 
@@ -117,7 +117,7 @@ class _MmapIndex:
             try:
                 os.posix_fallocate(self._fd, start, want * self._entry_size - start)
             except OSError as exc:
-                raise StorageError(f"cannot allocate index {self.path.name}: {exc}") from exc
+                raise StorageIOError(f"cannot allocate index {self.path.name}: {exc}") from exc
             self._backed = want
         return self._backed
 

@@ -50,6 +50,7 @@ from dlog.errors import (
     FencedLeaderEpochError,
     OffsetOutOfRangeError,
     StorageError,
+    StorageIOError,
 )
 from dlog.storage.batch import (
     NO_TIMESTAMP,
@@ -227,7 +228,7 @@ class PartitionLog:
             directory.mkdir(parents=True, exist_ok=True)
             return cls._open(directory, config, clock)
         except OSError as exc:
-            raise StorageError(f"cannot open log {directory}: {exc}") from exc
+            raise StorageIOError(f"cannot open log {directory}: {exc}") from exc
 
     @classmethod
     def _open(cls, directory: Path, config: LogConfig, clock: WallClock) -> PartitionLog:
@@ -482,8 +483,8 @@ class PartitionLog:
         """The failed fsync that took this log offline, if any."""
         return self._fsync_error
 
-    def _offline(self) -> StorageError:
-        return StorageError(
+    def _offline(self) -> StorageIOError:
+        return StorageIOError(
             f"log {self.directory} is offline after a failed fsync ({self._fsync_error})"
         )
 
@@ -1072,7 +1073,7 @@ def _fsync_all(segments: list[tuple[LogSegment, FlushToken]], directory: Path | 
         if directory is not None:
             fsync_directory(directory)
     except OSError as exc:
-        raise StorageError(f"fsync failed: {exc}") from exc
+        raise StorageIOError(f"fsync failed: {exc}") from exc
 
 
 def _write_checkpoints(
@@ -1093,4 +1094,4 @@ def _write_checkpoints(
             ],
         )
     except OSError as exc:
-        raise StorageError(f"writing checkpoints in {directory} failed: {exc}") from exc
+        raise StorageIOError(f"writing checkpoints in {directory} failed: {exc}") from exc

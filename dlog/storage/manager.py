@@ -30,7 +30,7 @@ from typing import Final
 import trio
 
 from dlog.clock import WallClock
-from dlog.errors import InvalidTopicError, StorageError
+from dlog.errors import InvalidTopicError, StorageError, StorageIOError
 from dlog.storage.checkpoint import TMP_SUFFIX, fsync_directory
 from dlog.storage.config import LogConfig
 from dlog.storage.log import PartitionLog
@@ -314,7 +314,7 @@ class LogManager:
             fsync_directory(self.data_dir)
             return log
         except OSError as exc:
-            raise StorageError(f"cannot create log {directory}: {exc}") from exc
+            raise StorageIOError(f"cannot create log {directory}: {exc}") from exc
 
     async def delete(self, topic: str, partition: int) -> bool:
         """Close the log and remove its directory (renamed ``*-delete`` first).
@@ -351,7 +351,7 @@ class LogManager:
         try:
             await trio.to_thread.run_sync(rename_and_remove)
         except OSError as exc:
-            raise StorageError(f"cannot remove {directory}: {exc}") from exc
+            raise StorageIOError(f"cannot remove {directory}: {exc}") from exc
 
     # -- background work -----------------------------------------------------------------
 
@@ -412,7 +412,7 @@ class LogManager:
                 if log.fsync_error is not None:
                     # (Failed in a request's flush, say: the node stops all the same.)
                     logger.critical("%s: an fsync failed; stopping", log.directory)
-                    raise StorageError(f"fsync of {log.directory} failed: {log.fsync_error}")
+                    raise StorageIOError(f"fsync of {log.directory} failed: {log.fsync_error}")
                 if not log.closed:
                     await log.maybe_flush()
             if tick % ticks_per_checkpoint == 0:

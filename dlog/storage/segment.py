@@ -24,7 +24,7 @@ from typing import Final, NamedTuple
 
 import crc32c
 
-from dlog.errors import StorageError
+from dlog.errors import StorageError, StorageIOError
 from dlog.storage.batch import (
     ATTRIBUTES_POS,
     HEADER_SIZE,
@@ -347,7 +347,7 @@ class LogSegment:
                 os.ftruncate(self._fd, start)
             except OSError:
                 logger.exception("could not cut %s back after a failed write", self.log_path)
-            raise StorageError(f"write to {self.log_path} failed: {exc}") from exc
+            raise StorageIOError(f"write to {self.log_path} failed: {exc}") from exc
         if start == 0:
             # Kafka counts from the first batch's own timestamp; the broker's clock is
             # used here so that producers replaying old records cannot make every
@@ -715,7 +715,7 @@ class LogSegment:
             for index in (self.offset_index, self.time_index):
                 index.rename(index.path.with_name(index.path.name + DELETED_SUFFIX))
         except OSError as exc:
-            raise StorageError(f"could not delete segment {self.log_path}: {exc}") from exc
+            raise StorageIOError(f"could not delete segment {self.log_path}: {exc}") from exc
         finally:
             self.release()
 

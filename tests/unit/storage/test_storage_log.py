@@ -19,6 +19,7 @@ from dlog.errors import (
     MessageTooLargeError,
     OffsetOutOfRangeError,
     StorageError,
+    StorageIOError,
 )
 from dlog.storage.batch import decode_records, iter_batch_headers
 from dlog.storage.log import (
@@ -433,8 +434,9 @@ async def test_appends_wait_for_the_truncation_checkpoint(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(log.truncate_to, 1)
         await thread_gate.entered.wait()  # truncate_to is about to write its checkpoint
-        with pytest.raises(StorageError, match="truncated"):
+        with pytest.raises(StorageError, match="truncated") as refused:
             log.append(make_batch(1), leader_epoch=0)
+        assert not isinstance(refused.value, StorageIOError)  # the log's state, not the disk
         thread_gate.open()
     assert log.append(make_batch(1), leader_epoch=0).first_offset == 1
 

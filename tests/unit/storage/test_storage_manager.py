@@ -11,7 +11,7 @@ import trio.testing
 from storage_testing import MakeBatch
 
 from dlog.clock import ManualClock
-from dlog.errors import InvalidTopicError, StorageError
+from dlog.errors import InvalidTopicError, StorageError, StorageIOError
 from dlog.storage.config import LogConfig
 from dlog.storage.log import OFFSETS_CHECKPOINT
 from dlog.storage.manager import (
@@ -237,17 +237,17 @@ async def test_a_failed_fsync_takes_the_log_offline_and_stops_the_manager(
                 raise OSError(5, "Input/output error")
 
             monkeypatch.setattr(segment_module.os, "fdatasync", eio)
-            with pytest.raises(StorageError, match="fsync failed"):
+            with pytest.raises(StorageIOError, match="fsync failed"):
                 await log.flush()  # as a produce with flush_messages=1 does
             monkeypatch.undo()
             assert log.recovery_point == 0
-            with pytest.raises(StorageError, match="offline after a failed fsync"):
+            with pytest.raises(StorageIOError, match="offline after a failed fsync"):
                 log.append(make_batch(1), leader_epoch=0)
-            with pytest.raises(StorageError, match="offline after a failed fsync"):
+            with pytest.raises(StorageIOError, match="offline after a failed fsync"):
                 await log.flush()
             await trio.sleep(1)  # the flusher's next check stops the manager
             pytest.fail("the manager did not stop")
-    assert stopped.group_contains(StorageError, match="fsync of .* failed")
+    assert stopped.group_contains(StorageIOError, match="fsync of .* failed")
     assert trio.current_time() < 1
 
 

@@ -9,7 +9,7 @@ import pytest
 from storage_testing import MakeBatch
 
 import dlog.storage.segment
-from dlog.errors import StorageError
+from dlog.errors import StorageIOError
 from dlog.storage.batch import assign_offsets, iter_batch_headers, validate_batches
 from dlog.storage.segment import (
     LogSegment,
@@ -91,12 +91,45 @@ def test_index_pages_get_disk_blocks_before_use_so_a_full_disk_is_an_error(
     batch = make_batch(1)
     headers = validate_batches(batch, now_ms=None, max_timestamp_skew_ms=0, max_batch_bytes=1 << 20)
     assign_offsets(batch, headers, next_offset, 0)
-    with pytest.raises(StorageError, match="cannot allocate index .*No space left"):
+    with pytest.raises(StorageIOError, match="cannot allocate index .*No space left"):
         segment.append(batch, headers, next_offset, 0)
     assert segment.size == size == os.path.getsize(tmp_path / segment_file_name(BASE, ".log"))
     assert segment.offset_index.entries == entries
     monkeypatch.undo()
     assert append(segment, batch, next_offset) == next_offset + 1
+    segment.close()
+
+
+def test_a_failed_write_is_a_storage_io_error_and_leaves_nothing(
+    tmp_path: Path, make_batch: MakeBatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write the disk refuses part-way (a full disk after a short write) raises
+    StorageIOError -- the disk's fault, which the broker reports -- and the segment is
+    cut back to where it was: no torn batch is left behind to be served or recovered."""
+    segment = new_segment(tmp_path)
+    fill(segment, make_batch, 2)
+    size, next_offset = segment.size, segment.next_offset
+    log_path = tmp_path / segment_file_name(BASE, ".log")
+    real_write = os.write
+    calls = [0]
+
+    def short_then_full(fd: int, data: bytes) -> int:
+        calls[0] += 1
+        if calls[0] == 1:
+            return real_write(fd, bytes(data)[:10])  # a short write ...
+        raise OSError(28, "No space left on device")  # ... then the disk is full
+
+    batch = make_batch(3)
+    headers = validate_batches(batch, now_ms=None, max_timestamp_skew_ms=0, max_batch_bytes=1 << 20)
+    assign_offsets(batch, headers, next_offset, 0)
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(StorageIOError, match="No space left"):
+        segment.append(batch, headers, next_offset, 0)
+    monkeypatch.undo()
+    assert calls[0] == 2
+    assert segment.size == size == os.path.getsize(log_path)
+    assert segment.next_offset == next_offset
+    assert append(segment, batch, next_offset) == next_offset + 3
     segment.close()
 
 
