@@ -40,6 +40,7 @@ before that. Writes are serialized by a lock. ``open`` and ``close`` are synchro
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -89,6 +90,8 @@ INLINE_FSYNC_MAX_S = 0.002
 FAST_FSYNCS_TO_RETURN = 32
 #: WAL space reserved at a time.
 DEFAULT_PREALLOCATE_BYTES = 16 << 20
+#: fallocate errors that mean the filesystem cannot preallocate (not a full disk).
+_NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 #: How far past the last valid record recovery looks for non-zero (torn) bytes.
 TAIL_WINDOW_BYTES = 4 << 20
 
@@ -211,6 +214,7 @@ class DiskStorage(MemoryStorage):
         self._lock_fd = lock_fd
         self._wal_fd = -1
         self._preallocate = preallocate_bytes
+        self._low_on_space = False  # warned once that the reserve did not fit
         #: Bytes of the WAL file reserved with fallocate (>= wal_bytes).
         self._allocated = 0
         self._write_lock = trio.Lock()
@@ -403,7 +407,13 @@ class DiskStorage(MemoryStorage):
     # --- writing -------------------------------------------------------------------
 
     def _reserve(self, size: int) -> None:
-        """Make room for ``size`` more bytes at the end of the WAL (fallocate)."""
+        """Make room for ``size`` more bytes at the end of the WAL (fallocate), with
+        ``preallocate_bytes`` to spare where the disk has them.
+
+        A full disk is not taken for a filesystem without fallocate: the reserve is
+        given up for this once, the record itself still gets its blocks if they are
+        there, and preallocation is tried again next time. Raises OSError (naming
+        the WAL) when not even the record fits."""
         need = self.wal_bytes + size
         if need <= self._allocated:
             return
@@ -413,18 +423,43 @@ class DiskStorage(MemoryStorage):
                 os.posix_fallocate(self._wal_fd, self._allocated, target - self._allocated)
                 self._allocated = target
                 return
-            except OSError as exc:  # a filesystem without fallocate: just append
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    try:
+                        os.posix_fallocate(self._wal_fd, self._allocated, need - self._allocated)
+                    except OSError as again:
+                        raise self._wal_error(again) from again
+                    if not self._low_on_space:
+                        logger.warning(
+                            "%s: the disk is nearly full (no room for the WAL's %d-byte"
+                            " reserve); the node stops once the WAL cannot grow",
+                            self.path,
+                            self._preallocate,
+                        )
+                        self._low_on_space = True
+                    self._allocated = need
+                    return
+                if exc.errno not in _NO_FALLOCATE:
+                    raise self._wal_error(exc) from exc
+                # A filesystem without fallocate: just append.
                 logger.info("%s: cannot preallocate the WAL (%s)", self.path, exc)
                 self._preallocate = 0
         self._allocated = need
 
+    def _wal_error(self, exc: OSError) -> OSError:
+        """``exc`` naming the WAL file, so that the node's last words say which."""
+        return OSError(exc.errno, exc.strerror, str(self.path / "wal"))
+
     def _write_at_end(self, record: bytes) -> None:
         view = memoryview(record)
         offset = self.wal_bytes
-        while view:
-            written = os.pwrite(self._wal_fd, view, offset)
-            view = view[written:]
-            offset += written
+        try:
+            while view:
+                written = os.pwrite(self._wal_fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            raise self._wal_error(exc) from exc
 
     def _append_record(self, record: bytes, sync: bool) -> None:
         self._reserve(len(record))

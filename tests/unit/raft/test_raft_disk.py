@@ -263,6 +263,79 @@ async def test_the_wal_is_preallocated_and_its_zero_tail_is_not_corruption(
         assert [e.term for e in third.all_entries()] == [1, 1, 1, 2]
 
 
+async def test_a_nearly_full_disk_gives_up_the_wal_reserve_not_the_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No room for the WAL's preallocated reserve is not "this filesystem cannot
+    fallocate": the record still gets its blocks, a warning says the disk is nearly
+    full (once), and the reserve is tried again next time. A filesystem that really
+    cannot fallocate just appends."""
+    from dlog.raft import disk
+
+    room = [1 << 10]  # bytes the "disk" can still allocate
+    calls: list[int] = []
+    real_fallocate = os.posix_fallocate
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        calls.append(length)
+        if length > room[0]:
+            raise OSError(28, "No space left on device")
+        real_fallocate(fd, offset, length)
+
+    s = open_store(tmp_path, preallocate=1 << 16)
+    monkeypatch.setattr(disk.os, "posix_fallocate", fallocate)
+    big = [Entry(i, 1, EntryType.NORMAL, b"x" * 300) for i in (1, 2)]
+    await s.save(hard_state=HardState(term=1), entries=big[:1])
+    await s.save(hard_state=None, entries=big[1:])
+    assert [e.index for e in s.all_entries()] == [1, 2]
+    assert len(calls) == 4  # reserve refused, record alone, twice: tried again each time
+    assert calls[1] < room[0] < calls[0]
+    warnings = [r for r in caplog.records if "nearly full" in r.getMessage()]
+    assert len(warnings) == 1
+    room[0] = 1 << 20  # space again: the reserve is back
+    await s.save(hard_state=None, entries=[Entry(3, 1, EntryType.NORMAL, b"x" * 300)])
+    assert os.stat(tmp_path / "wal").st_size >= s.wal_bytes + (1 << 16)
+    s.close()
+    with open_store(tmp_path) as again:
+        assert [e.index for e in again.all_entries()] == [1, 2, 3]
+
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(disk.os, "posix_fallocate", unsupported)
+    with open_store(tmp_path / "other", preallocate=1 << 16) as t:
+        await t.save(
+            hard_state=HardState(term=1), entries=[Entry(1, 1, EntryType.NORMAL, b"x" * 300)]
+        )
+        await t.save(hard_state=None, entries=[Entry(2, 1, EntryType.NORMAL, b"y" * 300)])
+        assert [e.index for e in t.all_entries()] == [1, 2]
+
+
+async def test_a_full_disk_fails_the_save_naming_the_wal_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not even the record fits: save raises OSError(ENOSPC) with the WAL's path (the
+    node's last words name the file), and the in-memory view is as before."""
+    from dlog.raft import disk
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    s = open_store(tmp_path, preallocate=1 << 10)
+    await s.save(hard_state=HardState(term=1), entries=entries(1, 1))
+    before = state_of(s)
+    monkeypatch.setattr(disk.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space left") as failed:
+        await s.save(hard_state=None, entries=[Entry(3, 1, EntryType.NORMAL, b"x" * 4096)])
+    assert failed.value.errno == 28
+    assert failed.value.filename == str(tmp_path / "wal")
+    assert state_of(s) == before
+    s.close()
+    monkeypatch.undo()
+    with open_store(tmp_path) as again:
+        assert state_of(again) == before
+
+
 async def test_fsyncs_leave_the_event_loop_once_the_device_is_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
