@@ -654,6 +654,15 @@ class ReplicaManager:
                     self._storage_failed("appending to", part.topic, part.partition, exc)
                 results.append(_produce_error(part.topic, part.partition, exc))
                 continue
+            except Exception as exc:
+                # A bug, or an OSError the storage did not expect: this partition's
+                # error alone (as Kafka does), not the whole request's -- the others
+                # may have been appended already, and a client retrying all of them
+                # would write those twice.
+                log.exception("appending to %s-%d failed", part.topic, part.partition)
+                error = UnknownServerError(f"{type(exc).__name__}: {exc}")
+                results.append(_produce_error(part.topic, part.partition, error))
+                continue
             results.append(
                 ProducePartitionResult(
                     topic=part.topic,

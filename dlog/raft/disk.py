@@ -92,6 +92,9 @@ FAST_FSYNCS_TO_RETURN = 32
 DEFAULT_PREALLOCATE_BYTES = 16 << 20
 #: fallocate errors that mean the filesystem cannot preallocate (not a full disk).
 _NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+#: fallocate errors that mean no room for that much (a full disk, a quota, a size
+#: limit): the record alone may still fit.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 #: How far past the last valid record recovery looks for non-zero (torn) bytes.
 TAIL_WINDOW_BYTES = 4 << 20
 
@@ -214,7 +217,7 @@ class DiskStorage(MemoryStorage):
         self._lock_fd = lock_fd
         self._wal_fd = -1
         self._preallocate = preallocate_bytes
-        self._low_on_space = False  # warned once that the reserve did not fit
+        self._low_on_space = False  # warned that the reserve did not fit (till it fits)
         #: Bytes of the WAL file reserved with fallocate (>= wal_bytes).
         self._allocated = 0
         self._write_lock = trio.Lock()
@@ -410,10 +413,10 @@ class DiskStorage(MemoryStorage):
         """Make room for ``size`` more bytes at the end of the WAL (fallocate), with
         ``preallocate_bytes`` to spare where the disk has them.
 
-        A full disk is not taken for a filesystem without fallocate: the reserve is
-        given up for this once, the record itself still gets its blocks if they are
-        there, and preallocation is tried again next time. Raises OSError (naming
-        the WAL) when not even the record fits."""
+        A full disk (or quota) is not taken for a filesystem without fallocate: the
+        reserve is given up for this once, the record itself still gets its blocks if
+        they are there, and preallocation is tried again next time. Raises OSError
+        (naming the WAL) when not even the record fits."""
         need = self.wal_bytes + size
         if need <= self._allocated:
             return
@@ -422,9 +425,10 @@ class DiskStorage(MemoryStorage):
             try:
                 os.posix_fallocate(self._wal_fd, self._allocated, target - self._allocated)
                 self._allocated = target
+                self._low_on_space = False
                 return
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
+                if exc.errno in _NO_ROOM:
                     try:
                         os.posix_fallocate(self._wal_fd, self._allocated, need - self._allocated)
                     except OSError as again:
@@ -465,7 +469,14 @@ class DiskStorage(MemoryStorage):
         self._reserve(len(record))
         self._write_at_end(record)
         if sync:
-            os.fdatasync(self._wal_fd)
+            self._timed_fdatasync()
+
+    def _timed_fdatasync(self) -> float:
+        """fdatasync the WAL; returns how long it took (an OSError names the WAL)."""
+        try:
+            return _timed_fdatasync(self._wal_fd)
+        except OSError as exc:
+            raise self._wal_error(exc) from exc
 
     async def save(
         self,
@@ -511,10 +522,10 @@ class DiskStorage(MemoryStorage):
         (see :data:`INLINE_FSYNC_MAX_S`)."""
         inline = self._fast_fsyncs >= FAST_FSYNCS_TO_RETURN
         if inline:
-            took = _timed_fdatasync(self._wal_fd)
+            took = self._timed_fdatasync()
             await trio.lowlevel.checkpoint()  # an await is a checkpoint, as with a thread
         else:
-            took = await trio.to_thread.run_sync(_timed_fdatasync, self._wal_fd)
+            took = await trio.to_thread.run_sync(self._timed_fdatasync)
         if took > INLINE_FSYNC_MAX_S:
             if inline:
                 logger.info(

@@ -607,14 +607,21 @@ class PartitionLog:
         if active.is_empty:
             return active
         base = self._next_offset
-        segment = LogSegment.create(
-            self.directory,
-            base,
-            index_interval_bytes=self._config.index_interval_bytes,
-            max_index_size=self._config.segment_index_bytes,
-            created_ms=self._clock.now_ms(),
-        )
-        active.on_become_inactive()
+        try:
+            segment = LogSegment.create(
+                self.directory,
+                base,
+                index_interval_bytes=self._config.index_interval_bytes,
+                max_index_size=self._config.segment_index_bytes,
+                created_ms=self._clock.now_ms(),
+            )
+        except OSError as exc:  # no room for the files, too many open files ...
+            raise StorageIOError(f"{self.directory}: cannot roll to {base}: {exc}") from exc
+        try:
+            active.on_become_inactive()
+        except OSError as exc:
+            segment.close()  # its files are replaced by the next attempt's
+            raise StorageIOError(f"{self.directory}: cannot roll to {base}: {exc}") from exc
         self._segments.append(segment)
         self._bases.append(base)
         self._dir_seq += 1

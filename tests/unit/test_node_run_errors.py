@@ -35,7 +35,7 @@ def test_a_full_wal_disk_is_one_line_naming_the_file(
     result = run_node_failing_with(tmp_path, monkeypatch, failure)
     assert result.exit_code == 1
     assert "node 4 stopped: [Errno 28] No space left on device:" in result.output
-    assert "wal" in result.output
+    assert result.output.rstrip().endswith("/raft/wal'")  # the file, as the WAL names it
     assert "Traceback" not in result.output
 
 

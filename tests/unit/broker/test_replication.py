@@ -821,6 +821,54 @@ async def test_many_partitions_failing_to_apply_log_a_few_lines_and_recover(
         )
 
 
+async def test_an_unexpected_append_failure_fails_its_partition_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append that fails in a way the broker did not expect (a bug, a stray
+    OSError) is that partition's UNKNOWN_SERVER_ERROR, logged with its traceback; the
+    request's other partitions keep their results, since they were appended already
+    and a client retrying them would write them twice (Kafka answers per partition
+    too)."""
+    async with dataplane_cluster(tmp_path, n=1) as cluster:
+        await cluster.create_topic("t", partitions=2, rf=1)
+        node = cluster.leader_of("t", 0)
+        assert cluster.leader_of("t", 1) is node
+        broken = node.rm.partitions["t", 1]
+        real_append = type(broken).append_as_leader
+
+        def append_as_leader(self: Any, records: Any) -> Any:
+            if self is broken:
+                raise RuntimeError("something nobody expected")
+            return real_append(self, records)
+
+        monkeypatch.setattr(type(broken), "append_as_leader", append_as_leader)
+        caplog.set_level(logging.ERROR, logger="dlog.broker.replica_manager")
+        first, second = batch(b"a"), batch(b"b")
+        resp = await cluster.pool.call(
+            node.address,
+            ProduceRequest(
+                acks=1,
+                timeout_ms=5000,
+                partitions=[
+                    ProducePartition(topic="t", partition=0, size=len(first)),
+                    ProducePartition(topic="t", partition=1, size=len(second)),
+                ],
+                payload=first + second,
+            ),
+        )
+        assert isinstance(resp, ProduceResponse)
+        ok, failed = resp.partitions
+        assert (ok.partition, ok.error_code, ok.base_offset) == (0, 0, 0)
+        assert failed.partition == 1
+        assert failed.error_code == ErrorCode.UNKNOWN_SERVER_ERROR
+        assert "RuntimeError: something nobody expected" in (failed.error_message or "")
+        assert node.rm.partitions["t", 0].log.log_end_offset == 1
+        assert broken.log.log_end_offset == 0
+        assert any(
+            "appending to t-1 failed" in r.getMessage() and r.exc_info for r in caplog.records
+        )
+
+
 async def test_a_full_disk_answers_storage_errors_and_is_logged_once_per_interval(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -263,13 +264,14 @@ async def test_the_wal_is_preallocated_and_its_zero_tail_is_not_corruption(
         assert [e.term for e in third.all_entries()] == [1, 1, 1, 2]
 
 
+@pytest.mark.parametrize("no_room", [errno.ENOSPC, errno.EDQUOT], ids=["full", "quota"])
 async def test_a_nearly_full_disk_gives_up_the_wal_reserve_not_the_record(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, no_room: int
 ) -> None:
-    """No room for the WAL's preallocated reserve is not "this filesystem cannot
-    fallocate": the record still gets its blocks, a warning says the disk is nearly
-    full (once), and the reserve is tried again next time. A filesystem that really
-    cannot fallocate just appends."""
+    """No room for the WAL's preallocated reserve (a full disk, a quota) is not "this
+    filesystem cannot fallocate": the record still gets its blocks, a warning says the
+    disk is nearly full (once per shortage), and the reserve is tried again next time.
+    A filesystem that really cannot fallocate just appends."""
     from dlog.raft import disk
 
     room = [1 << 10]  # bytes the "disk" can still allocate
@@ -279,7 +281,7 @@ async def test_a_nearly_full_disk_gives_up_the_wal_reserve_not_the_record(
     def fallocate(fd: int, offset: int, length: int) -> None:
         calls.append(length)
         if length > room[0]:
-            raise OSError(28, "No space left on device")
+            raise OSError(no_room, os.strerror(no_room))
         real_fallocate(fd, offset, length)
 
     s = open_store(tmp_path, preallocate=1 << 16)
@@ -295,9 +297,13 @@ async def test_a_nearly_full_disk_gives_up_the_wal_reserve_not_the_record(
     room[0] = 1 << 20  # space again: the reserve is back
     await s.save(hard_state=None, entries=[Entry(3, 1, EntryType.NORMAL, b"x" * 300)])
     assert os.stat(tmp_path / "wal").st_size >= s.wal_bytes + (1 << 16)
+    room[0] = 1 << 10  # short again, once the reserve is used up: warned again
+    await s.save(hard_state=None, entries=[Entry(4, 1, EntryType.NORMAL, b"x" * (1 << 16))])
+    warnings = [r for r in caplog.records if "nearly full" in r.getMessage()]
+    assert len(warnings) == 2
     s.close()
     with open_store(tmp_path) as again:
-        assert [e.index for e in again.all_entries()] == [1, 2, 3]
+        assert [e.index for e in again.all_entries()] == [1, 2, 3, 4]
 
     def unsupported(fd: int, offset: int, length: int) -> None:
         raise OSError(95, "Operation not supported")
@@ -334,6 +340,28 @@ async def test_a_full_disk_fails_the_save_naming_the_wal_and_changes_nothing(
     monkeypatch.undo()
     with open_store(tmp_path) as again:
         assert state_of(again) == before
+
+
+async def test_a_failed_wal_fsync_names_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync the device fails (EIO) is the node's end; its error says which file,
+    inline and from the worker thread alike."""
+    from dlog.raft import disk
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    s = open_store(tmp_path, preallocate=1 << 10)
+    monkeypatch.setattr(disk.os, "fdatasync", eio)
+    for size in (10, 1 << 12):  # inside the reserve (inline), and past it (worker)
+        with pytest.raises(OSError, match="Input/output error") as failed:
+            await s.save(
+                hard_state=HardState(term=1), entries=[Entry(1, 1, EntryType.NORMAL, b"x" * size)]
+            )
+        assert failed.value.errno == errno.EIO
+        assert failed.value.filename == str(tmp_path / "wal")
+    s.close()
 
 
 async def test_fsyncs_leave_the_event_loop_once_the_device_is_slow(

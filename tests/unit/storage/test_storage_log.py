@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -229,6 +231,38 @@ def test_read_across_segments_gives_one_chunk_per_segment(
         seen += [r.offset for r in decode_records(data.records, min_offset=offset)]
         offset = data.next_offset
     assert seen == list(range(24))
+
+
+def test_a_roll_the_disk_refuses_is_a_storage_io_error_with_nothing_written(
+    open_log: OpenLog, make_batch: MakeBatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append that must roll, when the new segment's files cannot be made (too many
+    open files, no room), is a StorageIOError -- a per-partition disk error for the
+    broker, not an unexpected OSError failing a whole produce request -- and writes
+    nothing; the next append after the disk recovers rolls and goes on."""
+    log = open_log(segment_bytes=300)
+    while len(log.segments) < 2:
+        log.append(make_batch(2), leader_epoch=0)
+    segments, end = len(log.segments), log.log_end_offset
+    real_open = os.open
+
+    def no_files(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if str(path).endswith(".log"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(os, "open", no_files)
+    with pytest.raises(StorageIOError, match="cannot roll .*Too many open files"):  # noqa: PT012
+        while True:  # until an append needs a roll
+            log.append(make_batch(2), leader_epoch=0)
+            end = log.log_end_offset
+    assert log.log_end_offset == end
+    assert len(log.segments) == segments
+    monkeypatch.undo()
+    info = log.append(make_batch(2), leader_epoch=0)
+    assert info.first_offset == end
+    assert len(log.segments) == segments + 1
+    assert [r.offset for r in decode_records(log.read(0, 1 << 20).records)] == list(range(end + 2))
 
 
 async def test_read_async_matches_read(open_log: OpenLog, make_batch: MakeBatch) -> None:
