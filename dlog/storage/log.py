@@ -600,6 +600,16 @@ class PartitionLog:
         )
         return info
 
+    def _new_segment(self, base: int) -> LogSegment:
+        """A new, empty, active segment at ``base`` (not yet one of the log's)."""
+        return LogSegment.create(
+            self.directory,
+            base,
+            index_interval_bytes=self._config.index_interval_bytes,
+            max_index_size=self._config.segment_index_bytes,
+            created_ms=self._clock.now_ms(),
+        )
+
     def roll(self) -> LogSegment:
         """Start a new active segment at the log end offset (no-op if the active is empty)."""
         self._check_open()
@@ -608,13 +618,7 @@ class PartitionLog:
             return active
         base = self._next_offset
         try:
-            segment = LogSegment.create(
-                self.directory,
-                base,
-                index_interval_bytes=self._config.index_interval_bytes,
-                max_index_size=self._config.segment_index_bytes,
-                created_ms=self._clock.now_ms(),
-            )
+            segment = self._new_segment(base)
         except OSError as exc:  # no room for the files, too many open files ...
             raise StorageIOError(f"{self.directory}: cannot roll to {base}: {exc}") from exc
         try:
@@ -830,13 +834,7 @@ class PartitionLog:
             self._generation += 1
             for segment in self._segments:
                 segment.delete()
-            segment = LogSegment.create(
-                self.directory,
-                offset,
-                index_interval_bytes=self._config.index_interval_bytes,
-                max_index_size=self._config.segment_index_bytes,
-                created_ms=self._clock.now_ms(),
-            )
+            segment = self._new_segment(offset)
             self._segments = [segment]
             self._bases = [offset]
             self._dir_seq += 1
