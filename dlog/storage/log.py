@@ -197,10 +197,13 @@ class PartitionLog:
         #: disk may claim a recovery point above the log end, and appends there would
         #: be trusted unscanned after a crash. So appends wait until it is written.
         self._checkpointed_generation = 0
-        #: Set when an fsync failed: what was written may be lost whatever a later fsync
-        #: says (the kernel may have dropped the dirty pages), so the log takes no more
-        #: writes, and the manager stops the node (as Kafka does).
-        self._fsync_error: StorageError | None = None
+        #: Set when an fsync failed -- what was written may be lost whatever a later
+        #: fsync says (the kernel may have dropped the dirty pages) -- or a truncation
+        #: failed part-way (the files no longer match the log's view of them): the log
+        #: takes no more writes, and the manager stops the node (as Kafka does when its
+        #: log directory fails). ``_disk_failure`` says which ("fsync", "truncation").
+        self._disk_error: StorageIOError | None = None
+        self._disk_failure = ""
         self._truncating = False
         self._closed = False
         self._dir_seq = 1  # directory changes (files created, renamed) vs. fsynced
@@ -479,20 +482,32 @@ class PartitionLog:
             raise StorageError(f"log {self.directory} is closed")
 
     @property
-    def fsync_error(self) -> StorageError | None:
-        """The failed fsync that took this log offline, if any."""
-        return self._fsync_error
+    def disk_error(self) -> StorageIOError | None:
+        """The disk failure that took this log offline, if any (see :attr:`disk_failure`)."""
+        return self._disk_error
+
+    @property
+    def disk_failure(self) -> str:
+        """What failed when the log went offline: "fsync" or "truncation" ("" if online)."""
+        return self._disk_failure
 
     def _offline(self) -> StorageIOError:
         return StorageIOError(
-            f"log {self.directory} is offline after a failed fsync ({self._fsync_error})"
+            f"log {self.directory} is offline after a failed {self._disk_failure}"
+            f" ({self._disk_error})"
         )
+
+    def _go_offline(self, failure: str, error: StorageIOError) -> StorageIOError:
+        if self._disk_error is None:
+            self._disk_error = error
+            self._disk_failure = failure
+        return error
 
     def _check_appendable(self) -> None:
         self._check_open()
         if self._truncating:
             raise StorageError(f"log {self.directory} is being truncated")
-        if self._fsync_error is not None:
+        if self._disk_error is not None:
             raise self._offline()
         if self._checkpointed_generation != self._generation:
             raise StorageError(
@@ -518,7 +533,7 @@ class PartitionLog:
             self._closed
             or self._truncating
             or self._checkpointed_generation != self._generation
-            or self._fsync_error is not None
+            or self._disk_error is not None
         ):
             self._check_appendable()
         if leader_epoch < 0:
@@ -806,14 +821,17 @@ class PartitionLog:
         self._truncating = True
         try:
             self._generation += 1
-            while len(self._segments) > 1 and self._bases[-1] > offset:
-                self._bases.pop()
-                self._segments.pop().delete()
-                self._dir_seq += 1
-            segment = self._segments[-1]
-            segment.truncate_to(offset)
-            segment.on_become_active()
-            self._next_offset = segment.ensure_next_offset()
+            try:
+                while len(self._segments) > 1 and self._bases[-1] > offset:
+                    self._bases.pop()
+                    self._segments.pop().delete()
+                    self._dir_seq += 1
+                segment = self._segments[-1]
+                segment.truncate_to(offset)
+                segment.on_become_active()
+                self._next_offset = segment.ensure_next_offset()
+            except (OSError, StorageIOError) as exc:
+                raise self._truncation_failed(exc) from exc
             self._recovery_point = min(self._recovery_point, self._next_offset)
             self._high_watermark = min(self._high_watermark, self._next_offset)
             self._epoch_cache.truncate_from_end(self._next_offset)
@@ -824,6 +842,14 @@ class PartitionLog:
             self._truncating = False
         return True
 
+    def _truncation_failed(self, exc: OSError | StorageIOError) -> StorageIOError:
+        """A truncation stopped part-way: the files may no longer match the log's view
+        of them, so the log goes offline (see ``_disk_error``)."""
+        detail = exc.message if isinstance(exc, StorageIOError) else str(exc)
+        error = StorageIOError(f"truncating {self.directory} failed: {detail}")
+        logger.error("%s; the log is offline", error.message)
+        return self._go_offline("truncation", error)
+
     async def truncate_fully_and_start_at(self, offset: int) -> None:
         """Delete every segment and start empty at ``offset`` (a follower far behind)."""
         self._check_appendable()
@@ -832,9 +858,12 @@ class PartitionLog:
         self._truncating = True
         try:
             self._generation += 1
-            for segment in self._segments:
-                segment.delete()
-            segment = self._new_segment(offset)
+            try:
+                for segment in self._segments:
+                    segment.delete()
+                segment = self._new_segment(offset)
+            except (OSError, StorageIOError) as exc:
+                raise self._truncation_failed(exc) from exc
             self._segments = [segment]
             self._bases = [offset]
             self._dir_seq += 1
@@ -961,7 +990,7 @@ class PartitionLog:
         for the fsync in progress, then raises.
         """
         async with self._flush_lock:
-            if self._fsync_error is not None:
+            if self._disk_error is not None:
                 raise self._offline()
             if self._closed or not self.needs_flush:
                 self._last_flush_time = trio.current_time()
@@ -981,8 +1010,8 @@ class PartitionLog:
                     dirty,
                     self.directory if sync_dir else None,
                 )
-            except StorageError as exc:
-                self._fsync_error = exc
+            except StorageIOError as exc:
+                self._go_offline("fsync", exc)
                 raise
             finally:
                 for segment, _ in dirty:

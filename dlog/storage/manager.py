@@ -409,10 +409,12 @@ class LogManager:
             # Deadlines from the tick count: no drift, and checkpoints land on a tick.
             await trio.sleep_until(start + tick * self._flush_check_interval)
             for log in list(self._logs.values()):
-                if log.fsync_error is not None:
-                    # (Failed in a request's flush, say: the node stops all the same.)
-                    logger.critical("%s: an fsync failed; stopping", log.directory)
-                    raise StorageIOError(f"fsync of {log.directory} failed: {log.fsync_error}")
+                if log.disk_error is not None:
+                    # (Failed in a request's flush or a follower's truncation, say: the
+                    # node stops all the same.)
+                    what = log.disk_failure
+                    logger.critical("%s: a %s failed; stopping", log.directory, what)
+                    raise StorageIOError(f"{what} of {log.directory} failed: {log.disk_error}")
                 if not log.closed:
                     await log.maybe_flush()
             if tick % ticks_per_checkpoint == 0:

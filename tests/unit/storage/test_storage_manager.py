@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -248,6 +249,42 @@ async def test_a_failed_fsync_takes_the_log_offline_and_stops_the_manager(
             await trio.sleep(1)  # the flusher's next check stops the manager
             pytest.fail("the manager did not stop")
     assert stopped.group_contains(StorageIOError, match="fsync of .* failed")
+    assert trio.current_time() < 1
+
+
+async def test_a_truncation_that_fails_part_way_takes_the_log_offline_and_stops_the_manager(
+    tmp_path: Path,
+    clock: ManualClock,
+    make_batch: MakeBatch,
+    autojump_clock: trio.testing.MockClock,
+    inline_threads: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A follower's truncation that the disk fails part-way (EIO cutting the segment)
+    leaves files that may not match the log's view of them: it is a StorageIOError,
+    the log takes no more writes, and the manager stops, as after a failed fsync."""
+    logs = manager(tmp_path, clock, flush_check_interval_ms=100)
+    with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
+        async with trio.open_nursery() as nursery:
+            await nursery.start(logs.run)
+            log = await logs.get_or_create("t", 0, "id", LogConfig())
+            for _ in range(3):
+                log.append(make_batch(1), leader_epoch=0)
+
+            def eio(fd: int, length: int) -> None:
+                raise OSError(5, "Input/output error")
+
+            monkeypatch.setattr(os, "ftruncate", eio)
+            with pytest.raises(StorageIOError, match="truncating .* failed: .*Input/output"):
+                await log.truncate_to(1)
+            monkeypatch.undo()
+            with pytest.raises(StorageIOError, match="offline after a failed truncation"):
+                log.append(make_batch(1), leader_epoch=0)
+            with pytest.raises(StorageIOError, match="offline after a failed truncation"):
+                await log.truncate_to(1)
+            await trio.sleep(1)  # the flusher's next check stops the manager
+            pytest.fail("the manager did not stop")
+    assert stopped.group_contains(StorageIOError, match="truncation of .* failed")
     assert trio.current_time() < 1
 
 
