@@ -360,6 +360,10 @@ class Producer:
             value = _as_bytes(value, "value")
         if key.__class__ is not bytes and key is not None:
             key = _as_bytes(key, "key")
+        if headers is not None or timestamp is not None:
+            # Checked now: a bad one found when its batch is built would fail others.
+            headers = _checked_headers(headers)
+            _check_timestamp(timestamp)
         ts = self._topics.get(topic)
         if ts is None or self._closed:
             return self._send_unplaced(topic, value, key, headers, partition, timestamp)
@@ -571,7 +575,13 @@ class Producer:
                 batch = self._new_batch(q, force)
         builder = batch.builder
         assert builder is not None
-        delta = builder.append(value, key, headers, timestamp)
+        try:
+            delta = builder.append(value, key, headers, timestamp)
+        except BaseException:
+            if builder.record_count == 0:  # a batch opened for this record alone
+                q.open = None
+                self._release(batch.reserved)
+            raise
         if builder.size_in_bytes >= self._batch_size:
             self._close_open(q)
             self._wake.set()
@@ -726,19 +736,22 @@ class Producer:
         while self._buffered and self._buffered + need > self._buffer_memory:
             if self._closed:
                 raise trio.ClosedResourceError("producer is closed")
-            self._room = trio.Event()
-            self._wake.set()
-            with trio.move_on_at(deadline):
-                await self._room.wait()
             if trio.current_time() >= deadline:
                 raise RequestTimedOutError(
                     f"no room in buffer_memory ({self._buffer_memory} bytes) within"
                     f" max_block_ms ({self.config.max_block_ms})"
                 )
+            room = self._room  # shared by every waiter: _release wakes them all
+            self._wake.set()
+            with trio.move_on_at(deadline):
+                await room.wait()
 
     def _release(self, nbytes: int) -> None:
         self._buffered -= nbytes
-        self._room.set()
+        room = self._room
+        if room.statistics().tasks_waiting:
+            room.set()
+            self._room = trio.Event()
 
     # --- metadata -----------------------------------------------------------------------
 
@@ -802,7 +815,7 @@ class Producer:
                 handle._batch, handle._delta = self._append(
                     ts, value, key, headers, partition, timestamp, True
                 )
-            except DlogError as exc:
+            except Exception as exc:  # (checked in send_nowait: a DlogError, normally)
                 handle._error = exc
         unplaced.event.set()
 
@@ -1138,6 +1151,33 @@ class Producer:
                     self._release(batch.reserved)
                     batch.resolve(-1, exc)
         self._active.clear()
+
+
+def _checked_headers(headers: Sequence[Header] | None) -> list[Header] | None:
+    """``headers`` as a list of ``(str, bytes | None)``, or TypeError/ValueError."""
+    if headers is None:
+        return None
+    checked: list[Header] = []
+    for header in headers:
+        if not isinstance(header, tuple | list) or len(header) != 2:
+            raise TypeError(f"a header is a (name, value) pair, not {header!r}")
+        name, value = header
+        if not isinstance(name, str):
+            raise TypeError(f"header name must be str, not {type(name).__name__}")
+        name.encode()  # (a lone surrogate cannot be sent: UnicodeEncodeError now)
+        if value is not None and value.__class__ is not bytes:
+            value = _as_bytes(value, "header value")
+        checked.append((name, value))
+    return checked
+
+
+def _check_timestamp(timestamp: int | None) -> None:
+    if timestamp is None:
+        return
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+        raise TypeError(f"timestamp must be int milliseconds, not {type(timestamp).__name__}")
+    if timestamp < 0:
+        raise ValueError(f"timestamp must be >= 0 (milliseconds since the epoch), got {timestamp}")
 
 
 def _as_bytes(value: object, what: str) -> bytes:

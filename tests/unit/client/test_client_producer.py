@@ -628,3 +628,70 @@ async def test_acks_none_to_a_broker_that_stops_reading_fails_within_the_timeout
                     assert unread, "the producer never reached the stalled leader"
             pool.close()
             nursery.cancel_scope.cancel()
+
+
+async def test_every_task_waiting_for_buffer_room_is_woken(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Two sends wait for room in a full buffer_memory; when the broker answers, both
+    go ahead (each waiter used to replace the shared event, so only the last one was
+    woken and the others timed out at max_block_ms with room to spare)."""
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t", 4)
+        cluster.produce_gate = trio.Event()
+        async with client.producer(
+            batch_size=1024, buffer_memory=2048, linger_ms=0, max_block_ms=5000
+        ) as producer:
+            producer.send_nowait("t", b"a", partition=0)
+            producer.send_nowait("t", b"b", partition=1)
+            await trio.sleep(0.01)  # both batches in flight: the buffer is full
+            assert producer.buffered_bytes == 2048
+            waited: dict[str, float] = {}
+
+            async def send(name: str, partition: int) -> None:
+                start = trio.current_time()
+                await producer.send("t", name.encode(), partition=partition)
+                waited[name] = trio.current_time() - start
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send, "A", 2)
+                await trio.sleep(0.01)
+                nursery.start_soon(send, "B", 3)
+                await trio.sleep(0.01)
+                gate, cluster.produce_gate = cluster.produce_gate, None
+                gate.set()
+            assert sorted(waited) == ["A", "B"]
+            assert max(waited.values()) < 1  # not max_block_ms
+            assert producer.buffered_bytes == 0
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["known-topic", "unknown-topic"])
+async def test_a_bad_header_or_timestamp_is_refused_at_once_and_harms_nothing(
+    autojump_clock: trio.abc.Clock, known: bool
+) -> None:
+    """A header that is not (str, bytes) or a timestamp that is not a non-negative int
+    is refused by send_nowait itself -- for a topic whose metadata is not known yet
+    too. Found later, when its batch was built (or its topic's metadata arrived), it
+    failed the producer and the client, and every other buffered record with them."""
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t", 2)
+        if known:
+            await client.refresh_metadata()
+        async with client.producer(linger_ms=5) as producer:
+            if known:
+                await producer.send("t", b"warm-up", partition=1)
+            with pytest.raises(TypeError, match="header value must be bytes"):
+                producer.send_nowait("t", b"v", headers=[("h", "not-bytes")])  # type: ignore[list-item]
+            with pytest.raises(TypeError, match="header name must be str"):
+                producer.send_nowait("t", b"v", headers=[(b"h", b"x")])  # type: ignore[list-item]
+            with pytest.raises(TypeError, match="timestamp must be int"):
+                producer.send_nowait("t", b"v", partition=1, timestamp=1.5)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="timestamp must be >= 0"):
+                producer.send_nowait("t", b"v", partition=1, timestamp=-5)
+            good = [
+                producer.send_nowait("t", b"good-%d" % i, partition=1, headers=[("h", b"x")])
+                for i in range(2)
+            ]
+            for handle in good:
+                assert (await handle).partition == 1
+        assert cluster.partition("t", 1).values()[-2:] == [b"good-0", b"good-1"]
