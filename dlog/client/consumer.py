@@ -191,7 +191,8 @@ class Consumer:
         self._buffered = 0
         self._partition_cap = 4 * config.max_partition_fetch_bytes
         self._nodes_fetching: set[int] = set()
-        self._errors: deque[DlogError] = deque()
+        #: Errors to raise from getmany, each with its partition (a seek drops them).
+        self._errors: deque[tuple[_PartitionState, DlogError]] = deque()
         self._data = trio.Event()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -310,16 +311,20 @@ class Consumer:
     async def _wait_for_data(self, timeout_ms: float | None) -> None:
         deadline = math.inf if timeout_ms is None else trio.current_time() + timeout_ms / 1000
         while not self._chunks and not self._errors:
-            self._data = trio.Event()
+            # One event for every reader waiting now: a new one only once it was set
+            # (replacing it per waiter would leave the earlier waiters unwoken).
+            if self._data.is_set():
+                self._data = trio.Event()
+            data = self._data
             with trio.move_on_at(deadline):
-                await self._data.wait()
+                await data.wait()
             if trio.current_time() >= deadline:
                 return
 
     def _take(self, max_records: int) -> dict[int, Records]:
         """Hand out up to ``max_records`` buffered records (no awaiting)."""
         if self._errors:
-            raise self._errors.popleft()
+            raise self._errors.popleft()[1]
         out: dict[int, list[RecordRow]] = {}
         left = max_records
         chunks = self._chunks
@@ -339,7 +344,7 @@ class Consumer:
                     self._stop_partition(state, exc)
                     if out:
                         break
-                    raise self._errors.popleft() from None
+                    raise self._errors.popleft()[1] from None
                 chunk.records = records
                 chunk.data = None
             i = chunk.index
@@ -443,16 +448,25 @@ class Consumer:
         return state
 
     def _set_position(self, state: _PartitionState, offset: int) -> None:
-        state.generation += 1
+        self._restart(state)
         state.position = state.fetch_offset = offset
         state.reset_to = None
         state.error = None
         state.backoff_until = -math.inf
+        if self._errors:
+            # An error raised for the old position is no news for the new one.
+            self._errors = deque(e for e in self._errors if e[0] is not state)
+
+    def _restart(self, state: _PartitionState) -> None:
+        """Forget what was fetched for ``state``: its buffered chunks go, and the
+        answers of fetches and resets in flight are ignored (a new generation)."""
+        state.generation += 1
         if state.buffered:
             kept = deque(c for c in self._chunks if c.state is not state)
             self._buffered -= state.buffered
             state.buffered = 0
             self._chunks = kept
+            self._wake.set()
 
     async def _reset_now(self, partitions: Iterable[int], where: str) -> None:
         states = [self._state(p) for p in partitions]
@@ -482,8 +496,11 @@ class Consumer:
         }
 
     def _stop_partition(self, state: _PartitionState, exc: DlogError) -> None:
+        """Stop ``state`` until a seek: ``exc`` is raised once, and nothing fetched for
+        it after its position is handed out (its position stays where the error is)."""
         state.error = exc
-        self._errors.append(exc)
+        self._restart(state)
+        self._errors.append((state, exc))
         self._data.set()
 
     # --- the fetcher -------------------------------------------------------------------
@@ -538,7 +555,7 @@ class Consumer:
                 continue
             if state.reset_to is not None:
                 state.resetting = True
-                self._nursery.start_soon(self._reset_task, state)
+                self._nursery.start_soon(self._reset_task, state, state.reset_to, state.generation)
                 continue
             if not room or state.buffered >= self._partition_cap:
                 continue
@@ -740,11 +757,12 @@ class Consumer:
             self._metadata.request_refresh()
         state.backoff_until = now if moved else now + state.backoff.failed()
 
-    async def _reset_task(self, state: _PartitionState) -> None:
-        where = state.reset_to
-        assert where is not None
-        generation = state.generation
+    async def _reset_task(self, state: _PartitionState, where: str, generation: int) -> None:
+        """Reset ``state`` to ``where`` as decided at ``generation``; a seek between the
+        decision and the answer (even before this task runs) wins."""
         try:
+            if state.generation != generation:
+                return
             results = await self._router.list_offsets(
                 self.topic, {state.partition: _RESET_TIMESTAMPS[where]}
             )

@@ -17,6 +17,7 @@ from dlog.errors import (
 )
 from dlog.net.protocol import FetchRequest
 from tests.unit.client.fake_broker import FakeCluster, open_fake_cluster
+from tests.unit.net.test_rpc_tcp import wait_until
 
 
 def values(n: int, prefix: bytes = b"v") -> list[bytes]:
@@ -451,6 +452,88 @@ async def test_a_corrupt_batch_raises_once_and_stops_the_partition(
             assert consumer.position(0) == 0
             consumer.seek(0, 0)  # the next fetch is not mangled
             assert len(await read(consumer, 10)) == 10
+
+
+async def test_a_corrupt_batch_stops_its_partition_even_with_later_data_buffered(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Data fetched after a corrupt batch (buffered already, or arriving) is not handed
+    out while the partition is stopped: the corrupt offsets are not silently skipped,
+    and a commit cannot pass them. A seek starts the partition again."""
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        cluster.append_values("t", 0, values(10))
+        cluster.mangle_fetch = lambda data: data[:-1] + bytes([data[-1] ^ 0xFF])
+        async with client.consumer("t", from_beginning=True) as consumer:
+            await trio.sleep(0.05)  # the corrupt chunk is buffered
+            cluster.append_values("t", 0, values(10, b"w"))
+            await trio.sleep(0.05)  # and the good one after it (offsets 10-19)
+            with pytest.raises(CorruptRecordError, match="CRC mismatch"):
+                await consumer.getmany(timeout_ms=100)
+            assert await consumer.getmany(timeout_ms=500) == {}
+            assert consumer.position(0) == 0
+            consumer.seek(0, 0)
+            assert [o for _, o, _ in await read(consumer, 20)] == list(range(20))
+
+
+async def test_a_seek_drops_the_error_raised_for_the_old_position(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A partition stopped by an error not yet raised (out of range, policy "error")
+    and then moved by seek() reads from the new position: the old position's error is
+    not raised after it."""
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        cluster.append_values("t", 0, values(10))
+        async with client.consumer("t", auto_offset_reset="error") as consumer:
+            consumer.seek(0, 100)
+            await wait_until(lambda: consumer._states[0].error is not None)
+            consumer.seek(0, 3)
+            assert [o for _, o, _ in await read(consumer, 7)] == list(range(3, 10))
+
+
+async def test_a_seek_racing_an_offset_reset_wins(autojump_clock: trio.abc.Clock) -> None:
+    """A seek() after the fetcher decided to reset a partition's offset, before the
+    reset task ran, used to crash the consumer (the task found no reset to do); now
+    the seek wins and the reset does nothing. Driven step by step: the race is a
+    matter of which task trio runs first."""
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t")
+        cluster.append_values("t", 0, values(10))
+        async with client.consumer("t", auto_offset_reset="latest") as consumer:
+            state = consumer._states[0]
+            await wait_until(lambda: state.fetching)  # (a long poll at the end)
+            state.reset_to = "latest"  # as an OFFSET_OUT_OF_RANGE answer leaves it
+            state.fetching = False
+            consumer._dispatch(trio.current_time())  # starts the reset task ...
+            assert state.resetting
+            consumer.seek(0, 3)  # ... and the application seeks before it runs
+            assert [o for _, o, _ in await read(consumer, 7)] == list(range(3, 10))
+            assert consumer.position(0) == 10
+
+
+async def test_concurrent_getmany_callers_are_all_woken(autojump_clock: trio.abc.Clock) -> None:
+    """Two tasks waiting in getmany both get records as they arrive (each waiter used
+    to replace the shared event, so the first one slept on with data buffered)."""
+    async with open_fake_cluster() as cluster, cluster.connect() as client:
+        cluster.create_topic("t", 2)
+        async with client.consumer("t") as consumer:
+            got: dict[str, list[int]] = {}
+
+            async def reader(name: str) -> None:
+                batch = await consumer.getmany(max_records=5)
+                got[name] = sorted(r.offset for records in batch.values() for r in records)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader, "A")
+                await trio.sleep(0.01)
+                nursery.start_soon(reader, "B")
+                await trio.sleep(0.01)
+                cluster.append_values("t", 0, values(3))
+                await trio.sleep(0.5)
+                cluster.append_values("t", 1, values(3))
+                await wait_until(lambda: len(got) == 2, timeout=5)
+            assert got == {"A": [0, 1, 2], "B": [0, 1, 2]}
 
 
 async def test_gzip_batches_round_trip(autojump_clock: trio.abc.Clock) -> None:
