@@ -352,9 +352,12 @@ class Producer:
 
         Raises ``trio.WouldBlock`` when ``buffer_memory`` is full (use :meth:`enqueue`
         or :meth:`send` to wait for room), ``trio.ClosedResourceError`` after close,
-        MessageTooLargeError for a record bigger than ``max_request_size``, and
-        UnknownTopicOrPartitionError for a partition the topic does not have. A record
-        for a topic whose metadata is not known yet is held until it is.
+        MessageTooLargeError for a record bigger than ``max_request_size``,
+        UnknownTopicOrPartitionError for a partition the topic does not have, and
+        TypeError or ValueError for a value, key, header (``(str, bytes | None)``) or
+        timestamp (int milliseconds >= 0) it cannot send -- checked here, before
+        anything is buffered. A record for a topic whose metadata is not known yet is
+        held until it is.
         """
         if value.__class__ is not bytes and value is not None:
             value = _as_bytes(value, "value")
