@@ -49,6 +49,10 @@ class BrokerConfig:
     replica_fetch_max_wait_ms: int = 500
     replica_fetch_max_bytes: int = 8 << 20
     replica_fetch_backoff_ms: int = 100
+    #: Most a fetch answer carries, whatever the request asks (plus at most one batch,
+    #: so that one larger than this is still served): Kafka's fetch.max.bytes. Keeps
+    #: answers within the 64 MiB frames clients accept.
+    fetch_max_bytes: int = 55 << 20
     #: How often the controller moves leaderships back to preferred replicas (0: never).
     leader_rebalance_interval_ms: int = 30_000
     #: Replication factor of topics created without one (None: min(3, live brokers)).
@@ -77,6 +81,7 @@ class BrokerConfig:
             "replica_fetch_max_wait_ms",
             "replica_fetch_max_bytes",
             "replica_fetch_backoff_ms",
+            "fetch_max_bytes",
             "offsets_topic_partitions",
             "request_timeout_ms",
             "max_frame_bytes",

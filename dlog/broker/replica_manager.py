@@ -704,9 +704,25 @@ class ReplicaManager:
         flushes: list[Partition],
     ) -> ProduceResponse:
         """A produce that must fsync before it answers (flush_messages=1): fsync,
-        then wait for replication as a parked produce would."""
+        then wait for replication as a parked produce would. A partition whose fsync
+        fails gets that error alone; the others were written and keep their results."""
         for p in flushes:
-            await p.log.flush()
+            try:
+                await p.log.flush()
+            except Exception as exc:
+                if isinstance(exc, StorageIOError):
+                    self._storage_failed("flushing", p.topic, p.partition, exc)
+                elif not isinstance(exc, DlogError):
+                    log.exception("flushing %s-%d failed", p.topic, p.partition)
+                error = (
+                    exc
+                    if isinstance(exc, DlogError)
+                    else UnknownServerError(f"{type(exc).__name__}: {exc}")
+                )
+                for i, r in enumerate(results):
+                    if (r.topic, r.partition) == (p.topic, p.partition) and not r.error_code:
+                        results[i] = _produce_error(p.topic, p.partition, error)
+                waits = [w for w in waits if w[1] is not p]
         with trio.move_on_after(_timeout_s(request)):
             while waits := _settle(request, results, waits):
                 _, p, last, _ = waits[0]
@@ -821,12 +837,14 @@ class ReplicaManager:
         chunks: list[bytes] = []
         total = 0
         errors = False
+        # (A request may ask for more than the broker sends in one answer.)
+        max_bytes = min(request.max_bytes, self.config.fetch_max_bytes)
         for fp in request.partitions:
             try:
                 p = self._leader(fp.topic, fp.partition, fp.current_leader_epoch)
                 if follower and not self._is_follower(p, request.replica_id):
                     self._not_a_follower(p, request.replica_id, fp.current_leader_epoch)
-                budget = min(fp.partition_max_bytes, request.max_bytes - total)
+                budget = min(fp.partition_max_bytes, max_bytes - total)
                 plog = p.log
                 upper = None if follower else p.high_watermark
                 if budget <= 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -14,7 +15,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from dlog.errors import ErrorCode
+from dlog.errors import ErrorCode, StorageIOError
 from dlog.net.messages import payload_bytes
 from dlog.net.protocol import (
     FetchPartition,
@@ -507,8 +508,6 @@ async def stalled_followers(tmp_path: Path) -> AsyncIterator[tuple[DataPlaneClus
 async def test_parked_produces_are_answered_by_replication_timeout_or_a_move(
     tmp_path: Path,
 ) -> None:
-    import dataclasses
-
     async with stalled_followers(tmp_path) as (cluster, leader, p):
         # Not replicated in time: REQUEST_TIMED_OUT at the request's timeout, no earlier.
         start = trio.current_time()
@@ -867,6 +866,93 @@ async def test_an_unexpected_append_failure_fails_its_partition_only(
         assert any(
             "appending to t-1 failed" in r.getMessage() and r.exc_info for r in caplog.records
         )
+
+
+async def test_a_fetch_answer_is_capped_by_the_broker_whatever_the_request_asks(
+    tmp_path: Path,
+) -> None:
+    """A fetch asking for more than fetch_max_bytes gets at most that (plus the one
+    batch that crosses it): an answer over the clients' 64 MiB frame limit broke the
+    consumer's connection on every try. Reading on from where it ended gets the rest."""
+    async with dataplane_cluster(tmp_path, n=1) as cluster:
+        await cluster.create_topic("t", rf=1)
+        node = cluster.leader_of("t")
+        node.rm.config = dataclasses.replace(node.rm.config, fetch_max_bytes=25_000)
+        for i in range(8):
+            values = [b"%d-%d-" % (i, j) + b"x" * 1000 for j in range(10)]
+            resp = await produce(cluster, "t", *values, acks=1)
+            assert resp.partitions[0].error_code == 0
+        batch_bytes = len(batch(*values))
+        offset, seen = 0, 0
+        while offset < 80:
+            answer = await cluster.pool.call(
+                node.address,
+                FetchRequest(
+                    max_bytes=1 << 30,
+                    partitions=[
+                        FetchPartition(
+                            topic="t", partition=0, fetch_offset=offset, partition_max_bytes=1 << 30
+                        )
+                    ],
+                ),
+            )
+            assert isinstance(answer, FetchResponse)
+            data = payload_bytes(answer.payload)
+            assert batch_bytes <= len(data) <= 25_000 + batch_bytes
+            offsets = [r.offset for r in decode_records(data, min_offset=offset)]
+            assert offsets == list(range(offset, offset + len(offsets)))
+            offset += len(offsets)
+            seen += 1
+        assert seen >= 3
+
+
+async def test_a_failed_fsync_before_the_answer_fails_its_partition_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flush_messages=1: a produce fsyncs each partition it wrote before answering.
+    One partition's failed fsync is that partition's KAFKA_STORAGE_ERROR; the other,
+    written and fsynced, keeps its result (the whole request used to fail, and a
+    client retrying it wrote that partition twice). The failed fsync then stops the
+    node, as it must."""
+    with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
+        async with dataplane_cluster(tmp_path, n=1) as cluster:
+            await cluster.create_topic("t", partitions=2, rf=1, flush_messages="1")
+            node = cluster.leader_of("t", 0)
+            broken_dir = str(node.rm.partitions["t", 1].log.directory)
+            real_fdatasync, real_fsync = os.fdatasync, os.fsync
+
+            def failing(real: Any) -> Any:
+                def sync(fd: int) -> None:
+                    if os.readlink(f"/proc/self/fd/{fd}").startswith(broken_dir):
+                        raise OSError(errno.EIO, "Input/output error")
+                    real(fd)
+
+                return sync
+
+            monkeypatch.setattr(os, "fdatasync", failing(real_fdatasync))
+            monkeypatch.setattr(os, "fsync", failing(real_fsync))
+            first, second = batch(b"a"), batch(b"b")
+            resp = await cluster.pool.call(
+                node.address,
+                ProduceRequest(
+                    acks=1,
+                    timeout_ms=5000,
+                    partitions=[
+                        ProducePartition(topic="t", partition=0, size=len(first)),
+                        ProducePartition(topic="t", partition=1, size=len(second)),
+                    ],
+                    payload=first + second,
+                ),
+            )
+            assert isinstance(resp, ProduceResponse)
+            ok, failed = resp.partitions
+            assert (ok.partition, ok.error_code, ok.base_offset) == (0, 0, 0)
+            assert failed.partition == 1
+            assert failed.error_code == ErrorCode.KAFKA_STORAGE_ERROR
+            assert "Input/output error" in (failed.error_message or "")
+            await trio.sleep(10)  # the log manager's next check (every 100 ms) stops it
+            pytest.fail("the node did not stop after a failed fsync")
+    assert stopped.group_contains(StorageIOError, match="fsync of .* failed")
 
 
 async def test_a_full_disk_answers_storage_errors_and_is_logged_once_per_interval(
