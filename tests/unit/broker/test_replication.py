@@ -26,6 +26,7 @@ from dlog.net.protocol import (
     ListOffsetsResponse,
     NewTopic,
     ProducePartition,
+    ProducePartitionResult,
     ProduceRequest,
     ProduceResponse,
 )
@@ -708,7 +709,6 @@ def test_each_partition_of_a_parked_produce_is_settled_once() -> None:
 
     from dlog.broker.partition import Role
     from dlog.broker.replica_manager import _produce_outcome, _settle
-    from dlog.net.protocol import ProducePartitionResult
 
     def partition(hw: int) -> SimpleNamespace:
         return SimpleNamespace(
@@ -820,6 +820,27 @@ async def test_many_partitions_failing_to_apply_log_a_few_lines_and_recover(
         )
 
 
+async def produce_to_both_partitions(
+    cluster: DataPlaneCluster, address: str
+) -> list[ProducePartitionResult]:
+    """One acks=1 request writing a record to each of t-0 and t-1; their results."""
+    first, second = batch(b"a"), batch(b"b")
+    resp = await cluster.pool.call(
+        address,
+        ProduceRequest(
+            acks=1,
+            timeout_ms=5000,
+            partitions=[
+                ProducePartition(topic="t", partition=0, size=len(first)),
+                ProducePartition(topic="t", partition=1, size=len(second)),
+            ],
+            payload=first + second,
+        ),
+    )
+    assert isinstance(resp, ProduceResponse)
+    return resp.partitions
+
+
 async def test_an_unexpected_append_failure_fails_its_partition_only(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -842,21 +863,7 @@ async def test_an_unexpected_append_failure_fails_its_partition_only(
 
         monkeypatch.setattr(type(broken), "append_as_leader", append_as_leader)
         caplog.set_level(logging.ERROR, logger="dlog.broker.replica_manager")
-        first, second = batch(b"a"), batch(b"b")
-        resp = await cluster.pool.call(
-            node.address,
-            ProduceRequest(
-                acks=1,
-                timeout_ms=5000,
-                partitions=[
-                    ProducePartition(topic="t", partition=0, size=len(first)),
-                    ProducePartition(topic="t", partition=1, size=len(second)),
-                ],
-                payload=first + second,
-            ),
-        )
-        assert isinstance(resp, ProduceResponse)
-        ok, failed = resp.partitions
+        ok, failed = await produce_to_both_partitions(cluster, node.address)
         assert (ok.partition, ok.error_code, ok.base_offset) == (0, 0, 0)
         assert failed.partition == 1
         assert failed.error_code == ErrorCode.UNKNOWN_SERVER_ERROR
@@ -931,21 +938,7 @@ async def test_a_failed_fsync_before_the_answer_fails_its_partition_only(
 
             monkeypatch.setattr(os, "fdatasync", failing(real_fdatasync))
             monkeypatch.setattr(os, "fsync", failing(real_fsync))
-            first, second = batch(b"a"), batch(b"b")
-            resp = await cluster.pool.call(
-                node.address,
-                ProduceRequest(
-                    acks=1,
-                    timeout_ms=5000,
-                    partitions=[
-                        ProducePartition(topic="t", partition=0, size=len(first)),
-                        ProducePartition(topic="t", partition=1, size=len(second)),
-                    ],
-                    payload=first + second,
-                ),
-            )
-            assert isinstance(resp, ProduceResponse)
-            ok, failed = resp.partitions
+            ok, failed = await produce_to_both_partitions(cluster, node.address)
             assert (ok.partition, ok.error_code, ok.base_offset) == (0, 0, 0)
             assert failed.partition == 1
             assert failed.error_code == ErrorCode.KAFKA_STORAGE_ERROR
