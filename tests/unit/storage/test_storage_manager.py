@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -213,6 +213,21 @@ async def test_a_checkpoint_that_cannot_be_written_is_retried_not_fatal(
         nursery.cancel_scope.cancel()
 
 
+async def stop_of_the_manager(
+    logs: LogManager, disk_failure: Callable[[], Awaitable[None]]
+) -> pytest.ExceptionInfo[ExceptionGroup[Exception]]:
+    """Run ``logs`` while ``disk_failure()`` breaks one of its logs; the manager must
+    stop at its next flush check (within its 100 ms interval). What it stopped with."""
+    with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
+        async with trio.open_nursery() as nursery:
+            await nursery.start(logs.run)
+            await disk_failure()
+            await trio.sleep(1)  # (a deadline: the manager's stop cancels this)
+            pytest.fail("the manager did not stop")
+    assert trio.current_time() < 1
+    return stopped
+
+
 async def test_a_failed_fsync_takes_the_log_offline_and_stops_the_manager(
     tmp_path: Path,
     clock: ManualClock,
@@ -228,28 +243,26 @@ async def test_a_failed_fsync_takes_the_log_offline_and_stops_the_manager(
     import dlog.storage.segment as segment_module
 
     logs = manager(tmp_path, clock, flush_check_interval_ms=100)
-    with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
-        async with trio.open_nursery() as nursery:
-            await nursery.start(logs.run)
-            log = await logs.get_or_create("t", 0, "id", LogConfig(flush_messages=1))
+
+    async def failed_fsync() -> None:
+        log = await logs.get_or_create("t", 0, "id", LogConfig(flush_messages=1))
+        log.append(make_batch(1), leader_epoch=0)
+
+        def eio(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(segment_module.os, "fdatasync", eio)
+        with pytest.raises(StorageIOError, match="fsync failed"):
+            await log.flush()  # as a produce with flush_messages=1 does
+        monkeypatch.undo()
+        assert log.recovery_point == 0
+        with pytest.raises(StorageIOError, match="offline after a failed fsync"):
             log.append(make_batch(1), leader_epoch=0)
+        with pytest.raises(StorageIOError, match="offline after a failed fsync"):
+            await log.flush()
 
-            def eio(fd: int) -> None:
-                raise OSError(5, "Input/output error")
-
-            monkeypatch.setattr(segment_module.os, "fdatasync", eio)
-            with pytest.raises(StorageIOError, match="fsync failed"):
-                await log.flush()  # as a produce with flush_messages=1 does
-            monkeypatch.undo()
-            assert log.recovery_point == 0
-            with pytest.raises(StorageIOError, match="offline after a failed fsync"):
-                log.append(make_batch(1), leader_epoch=0)
-            with pytest.raises(StorageIOError, match="offline after a failed fsync"):
-                await log.flush()
-            await trio.sleep(1)  # the flusher's next check stops the manager
-            pytest.fail("the manager did not stop")
+    stopped = await stop_of_the_manager(logs, failed_fsync)
     assert stopped.group_contains(StorageIOError, match="fsync of .* failed")
-    assert trio.current_time() < 1
 
 
 async def test_a_truncation_that_fails_part_way_takes_the_log_offline_and_stops_the_manager(
@@ -264,28 +277,26 @@ async def test_a_truncation_that_fails_part_way_takes_the_log_offline_and_stops_
     leaves files that may not match the log's view of them: it is a StorageIOError,
     the log takes no more writes, and the manager stops, as after a failed fsync."""
     logs = manager(tmp_path, clock, flush_check_interval_ms=100)
-    with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
-        async with trio.open_nursery() as nursery:
-            await nursery.start(logs.run)
-            log = await logs.get_or_create("t", 0, "id", LogConfig())
-            for _ in range(3):
-                log.append(make_batch(1), leader_epoch=0)
 
-            def eio(fd: int, length: int) -> None:
-                raise OSError(5, "Input/output error")
+    async def failed_truncation() -> None:
+        log = await logs.get_or_create("t", 0, "id", LogConfig())
+        for _ in range(3):
+            log.append(make_batch(1), leader_epoch=0)
 
-            monkeypatch.setattr(os, "ftruncate", eio)
-            with pytest.raises(StorageIOError, match="truncating .* failed: .*Input/output"):
-                await log.truncate_to(1)
-            monkeypatch.undo()
-            with pytest.raises(StorageIOError, match="offline after a failed truncation"):
-                log.append(make_batch(1), leader_epoch=0)
-            with pytest.raises(StorageIOError, match="offline after a failed truncation"):
-                await log.truncate_to(1)
-            await trio.sleep(1)  # the flusher's next check stops the manager
-            pytest.fail("the manager did not stop")
+        def eio(fd: int, length: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(os, "ftruncate", eio)
+        with pytest.raises(StorageIOError, match="truncating .* failed: .*Input/output"):
+            await log.truncate_to(1)
+        monkeypatch.undo()
+        with pytest.raises(StorageIOError, match="offline after a failed truncation"):
+            log.append(make_batch(1), leader_epoch=0)
+        with pytest.raises(StorageIOError, match="offline after a failed truncation"):
+            await log.truncate_to(1)
+
+    stopped = await stop_of_the_manager(logs, failed_truncation)
     assert stopped.group_contains(StorageIOError, match="truncation of .* failed")
-    assert trio.current_time() < 1
 
 
 async def test_retention_task(
